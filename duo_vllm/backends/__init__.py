@@ -1,0 +1,1 @@
+"""Platform-specific DUO backends; ``duo_vllm.backend`` picks the one for this platform."""

@@ -1,0 +1,50 @@
+"""Which local query/KV heads of one attention layer are retrieval and which stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from duo_vllm.pattern import PatternError
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    layer_index: int
+    retrieval_kv: torch.Tensor  # bool [local KV heads]
+    streaming_kv_heads: torch.Tensor  # long, local KV head indices
+    streaming_q_heads: torch.Tensor  # long, local query head indices (GQA groups of those KV heads)
+
+    @property
+    def any_retrieval(self) -> bool:
+        return bool(self.retrieval_kv.any())
+
+    @property
+    def any_streaming(self) -> bool:
+        return self.streaming_kv_heads.numel() > 0
+
+
+def layer_index_from_name(layer_name: str) -> int:
+    """Decoder-layer index of an attention module name like ``model.layers.7.self_attn.attn``."""
+    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise PatternError(
+            f"Cannot tell the decoder layer of attention module {layer_name!r}: DUO supports "
+            "decoder-only models with one attention module per layer."
+        )
+    return numbers[0]
+
+
+def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int) -> HeadPlan:
+    index = layer_index_from_name(layer_name)
+    retrieval = torch.from_numpy(runtime.local_retrieval_kv_heads(index).copy())
+    if retrieval.numel() != num_kv_heads:
+        raise PatternError(
+            f"Layer {layer_name} has {num_kv_heads} local KV heads but the pattern gives "
+            f"{retrieval.numel()} for this rank; the pattern does not fit this model."
+        )
+    group = num_q_heads // num_kv_heads
+    streaming_kv = torch.nonzero(~retrieval).flatten()
+    streaming_q = (streaming_kv[:, None] * group + torch.arange(group)[None, :]).flatten()
+    return HeadPlan(index, retrieval, streaming_kv, streaming_q)

@@ -1,0 +1,91 @@
+"""DUO options, as users pass them: ``--additional-config '{"duo": {...}}'``.
+
+vLLM has no official channel for a custom backend's options; ``additional_config`` is part of the
+config hash, so different DUO settings never share compiled artefacts or cached state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from duo_vllm.pattern import PatternError
+
+DEFAULT_SINK = 64
+DEFAULT_RECENT = 256
+DEFAULT_SPARSITY = 0.5
+
+_EXAMPLE = '--additional-config \'{"duo": {"pattern": "patterns/SmolLM2-135M-Instruct", "sparsity": 0.5}}\''
+
+
+@dataclass(frozen=True)
+class DuoConfig:
+    """Validated DUO options.
+
+    pattern : path to a pattern folder or file (default: the shipped pattern for the model)
+    sparsity : fraction of KV heads that stream (default: the pattern's own, else 0.5)
+    retrieval_ratio : 1 - sparsity (give one of the two, or ``threshold``)
+    threshold : gates >= threshold become retrieval heads instead of a global quantile
+    sink, recent : attention-sink tokens and recent window of streaming heads (default: 64, 256)
+    min_retrieval_per_layer : keep at least this many retrieval KV heads in every layer
+    """
+
+    pattern: str | None = None
+    sparsity: float | None = None
+    retrieval_ratio: float | None = None
+    threshold: float | None = None
+    sink: int = DEFAULT_SINK
+    recent: int = DEFAULT_RECENT
+    min_retrieval_per_layer: int = 0
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("sparsity", "retrieval_ratio", "threshold") if getattr(self, n) is not None]
+        if len(chosen) > 1:
+            raise PatternError(f"DUO options {chosen} are exclusive: give only one of them.")
+        for name in ("sparsity", "retrieval_ratio"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not 0.0 <= float(value) <= 1.0):
+                raise PatternError(f'DUO option "{name}" must be a number in [0, 1], got {value!r}.')
+        if self.threshold is not None and not _is_number(self.threshold):
+            raise PatternError(f'DUO option "threshold" must be a finite number, got {self.threshold!r}.')
+        for name in ("sink", "recent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PatternError(
+                    f'DUO option "{name}" must be a positive integer number of tokens, got {value!r} '
+                    f"(paper defaults: sink {DEFAULT_SINK}, recent {DEFAULT_RECENT})."
+                )
+        m = self.min_retrieval_per_layer
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise PatternError(f'DUO option "min_retrieval_per_layer" must be an integer >= 0, got {m!r}.')
+        if self.pattern is not None and not isinstance(self.pattern, str):
+            raise PatternError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
+
+    @property
+    def effective_sparsity(self) -> float | None:
+        if self.retrieval_ratio is not None:
+            return 1.0 - float(self.retrieval_ratio)
+        return None if self.sparsity is None else float(self.sparsity)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "DuoConfig":
+        """Read ``additional_config["duo"]``; unknown keys are an error, not silently ignored."""
+        raw = (additional_config or {}).get("duo", {}) if isinstance(additional_config, dict) else {}
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise PatternError(f'"duo" options are not valid JSON ({exc}); example: {_EXAMPLE}') from None
+        if not isinstance(raw, dict):
+            raise PatternError(f'"duo" options must be a JSON object, got {raw!r}; example: {_EXAMPLE}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PatternError(f"Unknown DUO option(s) {unknown}; valid options: {sorted(known)}.")
+        return cls(**raw)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

@@ -1,0 +1,138 @@
+"""The DUO state of one engine: options, the chosen pattern and its retrieval mask.
+
+Built once per process from the ``VllmConfig`` (the first attention layer asks for it), so a bad
+option or a pattern for another model stops start-up with one message before any weights load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+import numpy as np
+
+from duo_vllm.config import DEFAULT_SPARSITY, DuoConfig
+from duo_vllm.pattern import (
+    HeadPattern,
+    PatternError,
+    load_pattern,
+    model_fingerprint,
+    retrieval_stats,
+    shard_for_tensor_parallel,
+    validate_for_model,
+)
+from duo_vllm.shipped_patterns import find_shipped_pattern
+
+# Under "vllm." so that vLLM's own log handler (format, level, process prefix) shows it.
+logger = logging.getLogger("vllm.duo_vllm")
+
+
+@dataclass(frozen=True)
+class DuoRuntime:
+    config: DuoConfig
+    pattern: HeadPattern
+    sparsity: float | None  # None when a threshold chose the heads
+    retrieval_mask: np.ndarray  # bool [num_layers, total_kv_heads], True = retrieval
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def sink(self) -> int:
+        return self.config.sink
+
+    @property
+    def recent(self) -> int:
+        return self.config.recent
+
+    def local_retrieval_kv_heads(self, layer_index: int) -> np.ndarray:
+        """bool [local_kv_heads] for this tensor-parallel rank."""
+        shard = shard_for_tensor_parallel(self.retrieval_mask, self.tp_size, self.tp_rank)
+        return shard[layer_index]
+
+    def kv_saving(self, context_len: int) -> float:
+        """Fraction of KV bytes saved versus full attention for one sequence of ``context_len``."""
+        retrieval = self.retrieval_mask.mean()
+        streaming_tokens = min(context_len, self.sink + self.recent)
+        kept = retrieval + (1.0 - retrieval) * streaming_tokens / context_len
+        return 1.0 - kept
+
+    def summary(self, context_len: int) -> str:
+        stats = retrieval_stats(self.retrieval_mask)
+        choice = f"sparsity {self.sparsity:.2f}" if self.sparsity is not None else f"threshold {self.config.threshold}"
+        return (
+            f"DUO attention: pattern {self.pattern.source or self.pattern.model_name} ({choice}); "
+            f"retrieval KV heads per layer min/mean/max {stats['min_per_layer']}/"
+            f"{stats['mean_per_layer']:.2f}/{stats['max_per_layer']} of {stats['num_kv_heads']} "
+            f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}; "
+            f"KV saving at {context_len} tokens: {self.kv_saving(context_len):.1%}"
+        )
+
+
+def build_runtime(
+    duo_config: DuoConfig,
+    *,
+    hf_config,
+    model_name: str,
+    num_layers: int,
+    total_kv_heads: int,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+) -> DuoRuntime:
+    fingerprint = model_fingerprint(hf_config)
+    if duo_config.pattern is not None:
+        pattern = load_pattern(duo_config.pattern)
+    else:
+        pattern = find_shipped_pattern(model_name, fingerprint)
+        if pattern is None:
+            raise PatternError(
+                f"No DuoAttention pattern ships for model {model_name!r} (config fingerprint "
+                f"{fingerprint}). Train one with `python -m gate_training --model {model_name} "
+                f"--out patterns/NAME`, or pass an existing one with "
+                f"--additional-config '{{\"duo\": {{\"pattern\": \"/path/to/pattern\"}}}}'."
+            )
+    validate_for_model(
+        pattern, num_layers=num_layers, num_kv_heads=total_kv_heads,
+        fingerprint=fingerprint, model_name=model_name,
+    )
+    if duo_config.threshold is not None:
+        sparsity = None
+        mask = pattern.binarize(threshold=duo_config.threshold,
+                                min_retrieval_per_layer=duo_config.min_retrieval_per_layer)
+    else:
+        sparsity = duo_config.effective_sparsity
+        if sparsity is None:
+            sparsity = pattern.sparsity if pattern.sparsity is not None else DEFAULT_SPARSITY
+        mask = pattern.binarize(sparsity=sparsity,
+                                min_retrieval_per_layer=duo_config.min_retrieval_per_layer)
+    return DuoRuntime(duo_config, pattern, sparsity, mask, tp_size, tp_rank)
+
+
+_RUNTIMES: dict[str, DuoRuntime] = {}
+
+
+def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
+    """The process-wide runtime for ``vllm_config`` (built and logged once per config)."""
+    key = vllm_config.compute_hash()
+    runtime = _RUNTIMES.get(key)
+    if runtime is not None:
+        return runtime
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tp_rank = get_tensor_model_parallel_rank()
+    except (AssertionError, RuntimeError):
+        tp_rank = 0
+    hf_config = model_config.hf_text_config
+    runtime = build_runtime(
+        DuoConfig.from_additional_config(vllm_config.additional_config),
+        hf_config=hf_config,
+        model_name=model_config.model,
+        num_layers=hf_config.num_hidden_layers,
+        total_kv_heads=model_config.get_total_num_kv_heads(),
+        tp_size=parallel.tensor_parallel_size,
+        tp_rank=tp_rank,
+    )
+    logger.info(runtime.summary(model_config.max_model_len))
+    _RUNTIMES[key] = runtime
+    return runtime

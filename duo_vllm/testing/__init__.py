@@ -1,0 +1,1 @@
+"""Real models and texts for tests, examples and benchmarks, available without a model hub."""

