@@ -153,6 +153,7 @@ def test_server_completion_chat_and_stream(smollm2, hf_greedy, smollm2_tokenizer
     log = srv.log_text()
     assert "POST /v1/chat/completions" in log
     assert srv.stop_seconds is not None and srv.stop_seconds < 30
+    assert srv.process.returncode == 0, f"vllm serve exited {srv.process.returncode} on SIGINT"
 
 
 def test_offline_greedy_matches_transformers(llm, hf_greedy, smollm2_tokenizer):

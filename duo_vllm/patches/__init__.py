@@ -14,7 +14,8 @@ def apply_all() -> None:
     if _applied:
         return
     _applied = True
-    from duo_vllm.patches import backend_enum_pickle, cpu_platform_backend
+    from duo_vllm.patches import backend_enum_pickle, cpu_platform_backend, engine_config_validation
 
     backend_enum_pickle.apply()
     cpu_platform_backend.apply()
+    engine_config_validation.apply()

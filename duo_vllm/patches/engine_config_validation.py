@@ -1,0 +1,38 @@
+"""Check DUO options and the pattern in the front-end process, before any engine starts.
+
+Why: the DUO backend resolves its pattern when the first attention layer is built, inside the
+engine-core process; an error there reaches the user as a long traceback ending in "Engine core
+initialization failed". Resolving it as soon as the ``VllmConfig`` exists turns every bad option,
+missing or malformed pattern, or pattern for another model into one ``ValueError`` (a
+``PatternError``) raised by ``LLM(...)`` / ``vllm serve`` itself, in a second instead of after
+process start-up.
+How: wrap ``EngineArgs.create_engine_config``; when the config selects DUO, build the DUO runtime
+once (it is cached by config hash, so the engine core's later lookup is the same one).
+Remove when vLLM offers backends a hook to validate their configuration in the front-end.
+"""
+
+from __future__ import annotations
+
+_MARK = "_duo_vllm_wrapped"
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _MARK, False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        backend = config.attention_config.backend
+        from duo_vllm import BACKEND_NAME
+
+        if backend is not None and backend.name == BACKEND_NAME:
+            from duo_vllm.runtime import runtime_from_vllm_config
+
+            runtime_from_vllm_config(config)
+        return config
+
+    setattr(create_engine_config, _MARK, True)
+    EngineArgs.create_engine_config = create_engine_config

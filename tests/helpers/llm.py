@@ -1,0 +1,33 @@
+"""One offline vLLM engine at a time, shut down cleanly (tests share engines per module)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def offline_llm(model: str, **kwargs) -> Iterator["vllm.LLM"]:  # noqa: F821
+    from vllm import LLM
+
+    llm = LLM(model=model, **kwargs)
+    try:
+        yield llm
+    finally:
+        # vLLM 0.32's LLM has no shutdown(); its engine-core client does. The CPU worker takes a
+        # few seconds to exit, so give it more than the default 5 s grace.
+        llm.llm_engine.engine_core.shutdown(timeout=30)
+        del llm
+        gc.collect()
+
+
+def greedy_tokens(llm, prompts, max_tokens: int) -> list[list[int]]:
+    """Greedy output token ids for ``prompts`` (strings or token-id lists)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    inputs = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in prompts]
+    outputs = llm.generate(inputs, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
