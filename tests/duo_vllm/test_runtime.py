@@ -1,0 +1,314 @@
+"""Tests of duo_vllm.runtime (build_runtime, DuoRuntime) and duo_vllm.backends.head_plan."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from duo_vllm.backends.head_plan import layer_index_from_name, plan_for_layer
+from duo_vllm.config import DuoConfig
+from duo_vllm.pattern import HeadPattern, PatternError, model_fingerprint, save_pattern
+from duo_vllm.runtime import DuoRuntime, build_runtime
+from duo_vllm.shipped_patterns import find_shipped_pattern
+
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LAYERS, Q_HEADS, KV_HEADS = 30, 9, 3
+SMOLLM2_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": Q_HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "hidden_size": 576,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+}
+
+
+@pytest.fixture(params=["dict", "namespace"])
+def hf_config(request):
+    if request.param == "dict":
+        return dict(SMOLLM2_CONFIG)
+    return SimpleNamespace(**SMOLLM2_CONFIG)
+
+
+def random_gates(seed=0, shape=(LAYERS, KV_HEADS)):
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+def saved_pattern(folder, gates, *, hf_config=None, sparsity=None, model_name=MODEL_NAME) -> str:
+    pattern = HeadPattern(
+        gates=gates,
+        model_name=model_name,
+        model_fingerprint=model_fingerprint(hf_config) if hf_config is not None else None,
+        sparsity=sparsity,
+        sink_size=64,
+        recent_size=256,
+        provenance={"kind": "random gates for tests"},
+    )
+    save_pattern(pattern, folder)
+    return str(folder)
+
+
+def build(duo: DuoConfig, hf_config, *, model_name=MODEL_NAME, num_layers=LAYERS, kv=KV_HEADS, **kw):
+    return build_runtime(duo, hf_config=hf_config, model_name=model_name, num_layers=num_layers,
+                         total_kv_heads=kv, **kw)
+
+
+def check_top_gates(mask, gates):
+    """Retrieval heads are exactly the highest gates."""
+    if mask.all() or not mask.any():
+        return
+    assert gates[mask].min() > gates[~mask].max(), "a streaming head has a higher gate than a retrieval head"
+
+
+# ----------------------------------------------------------------------------- build_runtime
+
+
+@pytest.mark.parametrize(
+    "duo_kwargs,num_streaming,sparsity",
+    [
+        ({"sparsity": 0.25}, 23, 0.25),  # floor(0.25 * 90 + 0.5)
+        ({"sparsity": 0.5}, 45, 0.5),
+        ({"sparsity": 0.0}, 0, 0.0),
+        ({"sparsity": 1.0}, 90, 1.0),
+        ({"retrieval_ratio": 0.2}, 72, 0.8),
+        ({}, 36, 0.4),  # the pattern's own sparsity
+    ],
+)
+def test_sparsity_gives_exact_head_count(tmp_path, hf_config, duo_kwargs, num_streaming, sparsity):
+    gates = random_gates(1)
+    path = saved_pattern(tmp_path / "pat", gates, hf_config=hf_config, sparsity=0.4)
+    runtime = build(DuoConfig(pattern=path, **duo_kwargs), hf_config)
+    assert isinstance(runtime, DuoRuntime)
+    assert runtime.retrieval_mask.shape == (LAYERS, KV_HEADS) and runtime.retrieval_mask.dtype == bool
+    assert int((~runtime.retrieval_mask).sum()) == num_streaming, (
+        f"{duo_kwargs}: {int((~runtime.retrieval_mask).sum())} streaming heads, expected {num_streaming}"
+    )
+    assert runtime.sparsity == pytest.approx(sparsity)
+    check_top_gates(runtime.retrieval_mask, gates)
+    np.testing.assert_array_equal(runtime.pattern.gates, gates, err_msg="saved gates did not round-trip")
+    assert (runtime.sink, runtime.recent) == (64, 256)
+
+
+def test_default_sparsity_when_pattern_has_none(tmp_path, hf_config):
+    path = saved_pattern(tmp_path / "pat", random_gates(2), hf_config=hf_config, sparsity=None)
+    runtime = build(DuoConfig(pattern=path), hf_config)
+    assert runtime.sparsity == 0.5
+    assert int((~runtime.retrieval_mask).sum()) == 45
+
+
+def test_threshold_path(tmp_path, hf_config):
+    gates = random_gates(3)
+    path = saved_pattern(tmp_path / "pat", gates, hf_config=hf_config, sparsity=0.9)
+    runtime = build(DuoConfig(pattern=path, threshold=0.6), hf_config)
+    assert runtime.sparsity is None
+    np.testing.assert_array_equal(runtime.retrieval_mask, gates >= 0.6, err_msg="threshold mask")
+    assert "threshold 0.6" in runtime.summary(1000)
+
+
+def test_min_retrieval_per_layer(tmp_path, hf_config):
+    gates = random_gates(4)
+    path = saved_pattern(tmp_path / "pat", gates, hf_config=hf_config)
+    runtime = build(DuoConfig(pattern=path, threshold=2.0, min_retrieval_per_layer=1), hf_config)
+    assert runtime.retrieval_mask.sum(axis=1).tolist() == [1] * LAYERS
+    np.testing.assert_array_equal(runtime.retrieval_mask.argmax(axis=1), gates.argmax(axis=1))
+    runtime = build(DuoConfig(pattern=path, sparsity=1.0, min_retrieval_per_layer=2), hf_config)
+    assert runtime.retrieval_mask.sum(axis=1).tolist() == [2] * LAYERS
+
+
+def test_pattern_file_path_works_too(tmp_path, hf_config):
+    folder = saved_pattern(tmp_path / "pat", random_gates(5), hf_config=hf_config)
+    runtime = build(DuoConfig(pattern=f"{folder}/duo_pattern.json", sparsity=0.5), hf_config)
+    assert int(runtime.retrieval_mask.sum()) == 45
+
+
+@pytest.mark.parametrize("tp_size", [1, 3])
+def test_local_retrieval_kv_heads(tmp_path, hf_config, tp_size):
+    path = saved_pattern(tmp_path / "pat", random_gates(6), hf_config=hf_config)
+    full = build(DuoConfig(pattern=path, sparsity=0.5), hf_config).retrieval_mask
+    for rank in range(tp_size):
+        runtime = build(DuoConfig(pattern=path, sparsity=0.5), hf_config, tp_size=tp_size, tp_rank=rank)
+        per_rank = KV_HEADS // tp_size
+        for layer in (0, 12, LAYERS - 1):
+            local = runtime.local_retrieval_kv_heads(layer)
+            np.testing.assert_array_equal(
+                local, full[layer, rank * per_rank : (rank + 1) * per_rank],
+                err_msg=f"tp {tp_size} rank {rank} layer {layer}",
+            )
+    if tp_size == 3:
+        runtime = build(DuoConfig(pattern=path, sparsity=0.5), hf_config, tp_size=3, tp_rank=1)
+        assert runtime.local_retrieval_kv_heads(7).shape == (1,)
+        assert bool(runtime.local_retrieval_kv_heads(7)[0]) == bool(full[7, 1])
+
+
+# ----------------------------------------------------------------------------- kv_saving / summary
+
+
+def test_kv_saving(tmp_path, hf_config):
+    path = saved_pattern(tmp_path / "pat", random_gates(7), hf_config=hf_config)
+    sink, recent = 64, 256
+    window = sink + recent
+    all_retrieval = build(DuoConfig(pattern=path, sparsity=0.0), hf_config)
+    for ctx in (1, window, 10 * window, 100_000):
+        assert all_retrieval.kv_saving(ctx) == 0.0, f"all retrieval at {ctx} tokens"
+    all_streaming = build(DuoConfig(pattern=path, sparsity=1.0, sink=sink, recent=recent), hf_config)
+    assert all_streaming.kv_saving(10 * window) == pytest.approx(0.9)
+    assert all_streaming.kv_saving(window) == pytest.approx(0.0)
+    assert all_streaming.kv_saving(window // 2) == pytest.approx(0.0), "short contexts save nothing"
+    half = build(DuoConfig(pattern=path, sparsity=0.5, sink=sink, recent=recent), hf_config)
+    assert half.kv_saving(10 * window) == pytest.approx(0.5 * 0.9)
+    assert half.kv_saving(4 * window) == pytest.approx(0.5 * 0.75)
+
+
+def test_summary(tmp_path, hf_config):
+    path = saved_pattern(tmp_path / "pat", random_gates(8), hf_config=hf_config)
+    runtime = build(DuoConfig(pattern=path, sparsity=0.5, sink=4, recent=16), hf_config)
+    text = runtime.summary(4096)
+    counts = runtime.retrieval_mask.sum(axis=1)
+    assert "min/mean/max" in text, text
+    expected = f"{counts.min()}/{counts.mean():.2f}/{counts.max()} of {KV_HEADS}"
+    assert expected in text, f"{expected!r} not in {text!r}"
+    assert "sink 4" in text and "recent 16" in text, text
+    assert "sparsity 0.50" in text, text
+    assert "4096 tokens" in text, text
+    assert path in text, f"pattern source missing: {text}"
+    saving = re.search(r"KV saving at 4096 tokens: ([0-9.]+)%", text)
+    assert saving and float(saving.group(1)) == pytest.approx(100 * runtime.kv_saving(4096), abs=0.05), text
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def fake_config():
+    """A config no shipped pattern can match (odd vocabulary and name)."""
+    return dict(SMOLLM2_CONFIG, vocab_size=12347, architectures=["DuoTestForCausalLM"])
+
+
+FAKE_NAME = "duo-test/NoSuchModel-xq7"
+
+
+def test_no_pattern_found(tmp_path, monkeypatch):
+    empty = tmp_path / "empty_patterns"
+    empty.mkdir()
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(empty))
+    cfg = fake_config()
+    assert find_shipped_pattern(FAKE_NAME, model_fingerprint(cfg)) is None, "precondition: no shipped match"
+    with pytest.raises(PatternError) as info:
+        build(DuoConfig(), cfg, model_name=FAKE_NAME)
+    message = str(info.value)
+    assert "gate_training" in message, message
+    assert "--additional-config" in message, message
+    assert FAKE_NAME in message and model_fingerprint(cfg) in message, message
+
+
+def test_shipped_pattern_found_through_env(tmp_path, monkeypatch):
+    """The other side of the previous test: a pattern in DUO_VLLM_PATTERNS is picked up by
+    fingerprint, and one without a fingerprint by model name."""
+    extra = tmp_path / "extra"
+    cfg = fake_config()
+    gates = random_gates(9)
+    saved_pattern(extra / "NoSuchModel-xq7", gates, hf_config=cfg, sparsity=0.5, model_name=FAKE_NAME)
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(extra))
+    runtime = build(DuoConfig(), cfg, model_name=FAKE_NAME)
+    np.testing.assert_array_equal(runtime.pattern.gates, gates)
+    assert runtime.sparsity == 0.5
+
+    by_name = tmp_path / "by_name"
+    saved_pattern(by_name / "x", random_gates(10), hf_config=None, model_name="other-org/NoSuchModel-XQ7")
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(by_name))
+    runtime = build(DuoConfig(sparsity=0.5), cfg, model_name=FAKE_NAME)
+    np.testing.assert_array_equal(runtime.pattern.gates, random_gates(10))
+
+
+@pytest.mark.parametrize("shape", [(LAYERS, 2), (LAYERS - 1, KV_HEADS), (LAYERS, 9)])
+def test_wrong_shape(tmp_path, hf_config, shape):
+    path = saved_pattern(tmp_path / "pat", random_gates(11, shape), hf_config=None)
+    with pytest.raises(PatternError, match="shape"):
+        build(DuoConfig(pattern=path, sparsity=0.5), hf_config)
+
+
+def test_fingerprint_mismatch(tmp_path, hf_config):
+    other = dict(SMOLLM2_CONFIG, vocab_size=32000)
+    path = saved_pattern(tmp_path / "pat", random_gates(12), hf_config=other)
+    with pytest.raises(PatternError, match="fingerprint"):
+        build(DuoConfig(pattern=path, sparsity=0.5), hf_config)
+
+
+def test_missing_pattern_path(tmp_path, hf_config):
+    with pytest.raises(PatternError, match="does not exist"):
+        build(DuoConfig(pattern=str(tmp_path / "nope"), sparsity=0.5), hf_config)
+
+
+def test_tp_size_that_does_not_divide_kv_heads(tmp_path, hf_config):
+    path = saved_pattern(tmp_path / "pat", random_gates(13), hf_config=hf_config)
+    runtime = build(DuoConfig(pattern=path, sparsity=0.5), hf_config, tp_size=2, tp_rank=0)
+    with pytest.raises(PatternError, match="tensor_parallel_size"):
+        runtime.local_retrieval_kv_heads(0)
+
+
+# ----------------------------------------------------------------------------- head plans
+
+
+@pytest.fixture
+def row12_runtime(tmp_path):
+    """A runtime whose layer 12 is [retrieval, streaming, retrieval]."""
+    gates = random_gates(14)
+    gates[12] = [0.9, 0.1, 0.8]
+    path = saved_pattern(tmp_path / "pat", gates, hf_config=SMOLLM2_CONFIG)
+    return lambda **kw: build(DuoConfig(pattern=path, threshold=0.5), SMOLLM2_CONFIG, **kw)
+
+
+def test_plan_for_layer(row12_runtime):
+    runtime = row12_runtime()
+    plan = plan_for_layer(runtime, "model.layers.12.self_attn.attn", Q_HEADS, KV_HEADS)
+    assert plan.layer_index == 12
+    assert plan.retrieval_kv.tolist() == [True, False, True]
+    assert plan.streaming_kv_heads.tolist() == [1]
+    assert plan.streaming_q_heads.tolist() == [3, 4, 5]
+    assert plan.streaming_q_heads.dtype == torch.long and plan.streaming_kv_heads.dtype == torch.long
+    assert plan.any_retrieval and plan.any_streaming
+
+
+def test_plan_for_layer_tensor_parallel(row12_runtime):
+    expected = {0: [], 1: [0, 1, 2], 2: []}
+    for rank, q_heads in expected.items():
+        plan = plan_for_layer(row12_runtime(tp_size=3, tp_rank=rank), "model.layers.12.self_attn.attn", 3, 1)
+        assert plan.streaming_q_heads.tolist() == q_heads, f"rank {rank}"
+        assert plan.any_streaming == bool(q_heads) and plan.any_retrieval == (not q_heads), f"rank {rank}"
+
+
+def test_plan_streaming_q_heads_follow_gqa(row12_runtime):
+    runtime = row12_runtime()
+    group = Q_HEADS // KV_HEADS
+    for layer in range(LAYERS):
+        plan = plan_for_layer(runtime, f"model.layers.{layer}.self_attn.attn", Q_HEADS, KV_HEADS)
+        row = runtime.retrieval_mask[layer]
+        want = [h for h in range(Q_HEADS) if not row[h // group]]
+        assert plan.streaming_q_heads.tolist() == want, f"layer {layer}: mask {row.tolist()}"
+
+
+def test_plan_rejects_wrong_head_count(row12_runtime):
+    with pytest.raises(PatternError, match="KV heads"):
+        plan_for_layer(row12_runtime(), "model.layers.12.self_attn.attn", 8, 2)
+
+
+@pytest.mark.parametrize(
+    "name,index",
+    [("model.layers.12.self_attn.attn", 12), ("model.layers.0.self_attn.attn", 0),
+     ("language_model.model.layers.29.self_attn.attn", 29)],
+)
+def test_layer_index_from_name(name, index):
+    assert layer_index_from_name(name) == index
+
+
+@pytest.mark.parametrize("name", ["model.layers.3.experts.7.attn", "model.self_attn.attn", "layers.1.2"])
+def test_layer_index_from_name_rejects_ambiguous(name):
+    with pytest.raises(PatternError, match="decoder layer"):
+        layer_index_from_name(name)
