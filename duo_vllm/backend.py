@@ -11,10 +11,17 @@ if current_platform.is_cpu():
         DuoAttentionMetadata,
         DuoAttentionMetadataBuilder,
     )
+elif current_platform.is_cuda():
+    from duo_vllm.backends.cuda import (
+        DuoAttentionBackend,
+        DuoAttentionImpl,
+        DuoAttentionMetadata,
+        DuoAttentionMetadataBuilder,
+    )
 else:
     raise RuntimeError(
-        f"The DUO attention backend supports the CPU platform in this release; "
-        f"this machine's vLLM platform is {current_platform.device_name!r}."
+        "The DUO attention backend runs on the CPU and CUDA platforms; this machine's vLLM "
+        f"platform is {current_platform.device_name!r}."
     )
 
 __all__ = ["DuoAttentionBackend", "DuoAttentionImpl", "DuoAttentionMetadata", "DuoAttentionMetadataBuilder"]

@@ -51,11 +51,12 @@ def duo_attention(
     v = value.float().permute(1, 0, 2).repeat_interleave(group, 0)
     scores = q @ k.transpose(1, 2) * scale  # [Hq, T, S]
 
-    i = torch.arange(num_tokens).view(-1, 1) + offset
-    j = torch.arange(seq_len).view(1, -1)
+    device = query.device
+    i = torch.arange(num_tokens, device=device).view(-1, 1) + offset
+    j = torch.arange(seq_len, device=device).view(1, -1)
     causal = j <= i
     streaming = causal & ((j < sink) | (i - j < recent))
-    masks = torch.where(retrieval_q_heads.view(-1, 1, 1), causal, streaming)
+    masks = torch.where(retrieval_q_heads.to(device).view(-1, 1, 1), causal, streaming)
     scores = scores.masked_fill(~masks, float("-inf"))
     return (torch.softmax(scores, -1) @ v).permute(1, 0, 2).to(query.dtype)
 

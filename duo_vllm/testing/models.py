@@ -85,17 +85,21 @@ def smollm2_path(*, force: bool = False) -> Path:
         return target
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path()
     logger.info("Converting %s to bf16 safetensors in %s (once)...", gguf.name, target)
     torch.manual_seed(0)
-    src_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.bfloat16,
+    extra = {}
+    try:  # transformers >= 5.18 keeps GGUF weights packed unless told to unpack them
+        from transformers import GgufConfig
+
         # Unpack to dense weights: the packed GGUF modules cannot be saved as safetensors.
-        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+        extra["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:  # older releases always dequantise
+        pass
+    src_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, **extra
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
