@@ -63,7 +63,8 @@ class DuoRuntime:
             f"retrieval KV heads per layer min/mean/max {stats['min_per_layer']}/"
             f"{stats['mean_per_layer']:.2f}/{stats['max_per_layer']} of {stats['num_kv_heads']} "
             f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}; "
-            f"KV saving at {context_len} tokens: {self.kv_saving(context_len):.1%}"
+            f"KV saving this pattern implies at {context_len} tokens: {self.kv_saving(context_len):.1%} "
+            f"(not yet realised: this release keeps full K/V for every head)"
         )
 
 

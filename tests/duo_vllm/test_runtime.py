@@ -179,7 +179,7 @@ def test_summary(tmp_path, hf_config):
     assert "sparsity 0.50" in text, text
     assert "4096 tokens" in text, text
     assert path in text, f"pattern source missing: {text}"
-    saving = re.search(r"KV saving at 4096 tokens: ([0-9.]+)%", text)
+    saving = re.search(r"KV saving this pattern implies at 4096 tokens: ([0-9.]+)%", text)
     assert saving and float(saving.group(1)) == pytest.approx(100 * runtime.kv_saving(4096), abs=0.05), text
 
 

@@ -37,7 +37,7 @@ def _bad_patterns(root):
 
 CASES = {
     "wrong_shape": ({"pattern": "@wrong_shape"}, "32 layers x 8 KV heads"),
-    "nan_gates": ({"pattern": "@nan"}, "NaN"),
+    "nan_gates": ({"pattern": "@nan"}, "non-finite value (nan)"),
     "other_model": ({"pattern": "@other_model"}, "fingerprint"),
     "missing_pattern": ({"pattern": "@missing"}, "does-not-exist"),
     "sparsity_above_1": ({"pattern": "@good", "sparsity": 1.5}, '"sparsity" must be a number in [0, 1]'),
