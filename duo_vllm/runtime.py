@@ -50,6 +50,8 @@ class DuoRuntime:
 
     def kv_saving(self, context_len: int) -> float:
         """Fraction of KV bytes saved versus full attention for one sequence of ``context_len``."""
+        if context_len <= 0:
+            return 0.0
         retrieval = self.retrieval_mask.mean()
         streaming_tokens = min(context_len, self.sink + self.recent)
         kept = retrieval + (1.0 - retrieval) * streaming_tokens / context_len
