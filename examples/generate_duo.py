@@ -1,8 +1,9 @@
-"""Offline generation with DuoAttention on SmolLM2-135M-Instruct (CPU), next to stock vLLM.
+"""Offline generation with DuoAttention on SmolLM2-135M-Instruct (CPU), with the shipped pattern.
 
 Run: .venv/bin/python examples/generate_duo.py [--sparsity 0.5] [--context 2000]
 It builds a long prompt (a passage of public-domain text with a pass key hidden in it), asks the
-model for the key with DUO, and prints the answer, the DUO start-up line and the timing.
+model for the key with DUO, and prints the answer and the timing (the DUO start-up line is in the
+log above it). Seen on our 2-core CPU: 'The pass key is 58213.' for a 1558-token prompt.
 """
 
 from __future__ import annotations
