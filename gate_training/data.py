@@ -1,0 +1,279 @@
+"""Synthetic multi-passkey retrieval data for gate training, as a Hugging Face ``datasets`` table.
+
+Why this task: the gates must find the heads whose removal of long-range context changes the
+model's output. Passkeys (random word sequences) hidden at random depths of natural text, asked
+for at the end, force the model to read far back; supervising only the answer positions makes
+the distillation signal come from exactly those long-range reads (DuoAttention, section 3.2).
+
+Each sample is::
+
+    [haystack ... " The pass key 1 is: w1 .. wL. Remember it. " ... haystack ... (x num_passkeys)]
+    "\\n\\nWhat are the pass keys in the text above? List them in order.\\nAnswer:"
+    " The pass key 1 is: w1 .. wL. The pass key 2 is: ..."      <- supervised answer
+
+with the haystack cut from public-domain prose (``duo_vllm.testing.haystack``) at a random
+offset, passkeys inserted after a sentence end near random depths, and context lengths (haystack +
+passkeys, before the question) drawn from ``num_lengths`` equal intervals of
+[min_context, max_context]. Every sample is a pure function of (seed, index), so a dataset is
+reproducible; it is cached on disk with ``Dataset.save_to_disk`` under a key of all the inputs.
+
+Columns: ``input_ids`` (list[int]), ``answer_start`` (index of the first answer token),
+``context_length``, ``depths`` (list[float], insertion depth of each passkey in [0, 1]),
+``passkeys`` (list[str]), ``passkey_positions`` (list[int], index in ``input_ids`` of each
+inserted passkey sentence), ``sample_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gate_training.config import GateTrainingError
+
+logger = logging.getLogger(__name__)
+
+DATA_VERSION = 1
+NEEDLE_TEMPLATE = " The pass key {number} is: {words}. Remember it. "
+QUESTION = "\n\nWhat are the pass keys in the text above? List them in order.\nAnswer:"
+ANSWER_ITEM = " The pass key {number} is: {words}."
+_EVAL_INDEX = 1_000_003  # sample index of the held-out evaluation sample
+_SENTENCE_END = (".", "!", "?", "\n", ".'", ".\"", "?'", "!'")
+_SNAP_WINDOW = 96  # tokens searched after a depth for a sentence end to insert at
+
+__all__ = [
+    "DATA_VERSION",
+    "PasskeySpec",
+    "build_passkey_dataset",
+    "make_sample",
+    "eval_sample",
+    "eval_samples",
+    "load_haystack",
+    "word_pool",
+]
+
+
+@dataclass(frozen=True)
+class PasskeySpec:
+    """Parameters of a passkey dataset (everything that changes its content)."""
+
+    num_samples: int
+    min_context: int
+    max_context: int
+    num_lengths: int = 50
+    num_passkeys: int = 10
+    passkey_length: int = 32
+    seed: int = 42
+
+    def length_edges(self) -> np.ndarray:
+        """``num_lengths + 1`` integer edges splitting [min_context, max_context] evenly."""
+        return np.linspace(self.min_context, self.max_context, self.num_lengths + 1).round().astype(int)
+
+
+def load_haystack() -> str:
+    """The haystack text, or a :class:`GateTrainingError` saying how to provide it."""
+    from duo_vllm.testing.haystack import CANTERBURY_FILES, corpus_dir, haystack_text
+
+    try:
+        return haystack_text()
+    except (FileNotFoundError, OSError) as exc:
+        logger.debug("haystack fetch failed: %s", exc)
+        raise GateTrainingError(
+            f"the haystack text is missing from {corpus_dir()} and could not be fetched from the "
+            "package registry (`pip download --no-binary :all: brotli==1.2.1` failed). Run "
+            "`python -m duo_vllm.testing prepare` where the registry is reachable, or copy the "
+            f"Canterbury texts ({', '.join(CANTERBURY_FILES)}) into {corpus_dir()}"
+        ) from None
+
+
+_POOLS: dict[int, list[str]] = {}
+
+
+def word_pool(text: str) -> list[str]:
+    """Distinct lowercase words (4-10 letters) of ``text``, sorted: the passkey vocabulary."""
+    key = hash(text)
+    if key not in _POOLS:
+        _POOLS[key] = sorted({w for w in re.findall(r"\b[a-z]{4,10}\b", text) if w.isascii()})
+    return _POOLS[key]
+
+
+_BOUNDARIES: dict[tuple[int, int], set[int]] = {}
+
+
+def _sentence_end_ids(tokenizer, ids: list[int]) -> set[int]:
+    """Token ids of the haystack whose text ends a sentence (cached per tokenizer)."""
+    key = (id(tokenizer), len(ids))
+    if key not in _BOUNDARIES:
+        unique = sorted(set(ids))
+        texts = tokenizer.batch_decode([[i] for i in unique])
+        _BOUNDARIES[key] = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(_SENTENCE_END)}
+    return _BOUNDARIES[key]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | None = None) -> dict[str, Any]:
+    """Sample ``index`` of ``spec`` (deterministic in ``(spec.seed, index)``).
+
+    ``context_length`` overrides the length drawn from the sample's interval.
+    """
+    from duo_vllm.testing.haystack import _encoded
+
+    text = load_haystack()
+    corpus = _encoded(tokenizer)
+    pool = word_pool(text)
+    rng = np.random.default_rng([spec.seed, index, DATA_VERSION])
+    if context_length is None:
+        edges = spec.length_edges()
+        interval = index % spec.num_lengths
+        context_length = int(rng.integers(edges[interval], edges[interval + 1] + 1))
+
+    passkeys = [" ".join(rng.choice(pool, size=spec.passkey_length)) for _ in range(spec.num_passkeys)]
+    needles = [_encode(tokenizer, NEEDLE_TEMPLATE.format(number=n + 1, words=w)) for n, w in enumerate(passkeys)]
+    prefix = _encode_special_prefix(tokenizer)
+    hay_len = context_length - len(prefix) - sum(len(n) for n in needles)
+    if hay_len < context_length // 2:
+        raise GateTrainingError(
+            f"{spec.num_passkeys} passkeys of {spec.passkey_length} words take "
+            f"{sum(len(n) for n in needles)} tokens, more than half of a {context_length}-token "
+            "context; lower --num-passkeys / --passkey-length or raise --min-context"
+        )
+    if hay_len > len(corpus):
+        raise GateTrainingError(
+            f"the haystack has {len(corpus)} tokens for this tokenizer, a {context_length}-token "
+            "context needs more; lower --max-context"
+        )
+    offset = int(rng.integers(0, len(corpus) - hay_len + 1))
+    hay = list(corpus[offset:offset + hay_len])
+
+    ends = _sentence_end_ids(tokenizer, list(corpus))
+    raw_depths = np.sort(rng.uniform(0.0, 1.0, size=spec.num_passkeys))
+    cuts = []
+    for depth in raw_depths:
+        pos = int(round(depth * hay_len))
+        # insert right after the next sentence end, when one is near
+        for cand in range(pos, min(pos + _SNAP_WINDOW, hay_len) + 1):
+            if cand == 0 or cand == hay_len or hay[cand - 1] in ends:
+                pos = cand
+                break
+        cuts.append(pos)
+    cuts = sorted(cuts)
+
+    input_ids = list(prefix)
+    positions = []
+    start = 0
+    for cut, needle in zip(cuts, needles):
+        input_ids += hay[start:cut]
+        positions.append(len(input_ids))
+        input_ids += needle
+        start = cut
+    input_ids += hay[start:]
+    assert len(input_ids) == context_length, (len(input_ids), context_length)
+    input_ids += _encode(tokenizer, QUESTION)
+    answer_start = len(input_ids)
+    answer = "".join(ANSWER_ITEM.format(number=n + 1, words=w) for n, w in enumerate(passkeys))
+    input_ids += _encode(tokenizer, answer)
+    return {
+        "input_ids": input_ids,
+        "answer_start": answer_start,
+        "context_length": context_length,
+        "depths": [c / hay_len if hay_len else 0.0 for c in cuts],
+        "passkeys": passkeys,
+        "passkey_positions": positions,
+        "sample_index": index,
+    }
+
+
+def _encode_special_prefix(tokenizer) -> list[int]:
+    """Tokens the tokenizer puts before text (e.g. BOS for Llama); empty for SmolLM2 / Qwen2."""
+    with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    without = _encode(tokenizer, "a")
+    if with_special[-len(without):] == without:
+        return with_special[: len(with_special) - len(without)]
+    return []
+
+
+def eval_sample(tokenizer, spec: PasskeySpec, context_length: int | None = None) -> dict[str, Any]:
+    """A held-out sample (never in the training set), by default at ``max_context``."""
+    return make_sample(tokenizer, spec, _EVAL_INDEX, context_length or spec.max_context)
+
+
+def eval_samples(tokenizer, spec: PasskeySpec, count: int) -> list[dict[str, Any]]:
+    """``count`` held-out samples with lengths evenly spaced up to ``max_context`` (longest last)."""
+    if count == 1:
+        return [eval_sample(tokenizer, spec)]
+    lengths = np.linspace(spec.min_context, spec.max_context, count).round().astype(int)
+    return [make_sample(tokenizer, spec, _EVAL_INDEX + k, int(n)) for k, n in enumerate(lengths)]
+
+
+def _cache_key(tokenizer, spec: PasskeySpec) -> str:
+    from duo_vllm.testing.haystack import _encoded
+
+    corpus = _encoded(tokenizer)
+    identity = {
+        "version": DATA_VERSION,
+        "spec": asdict(spec),
+        "templates": [NEEDLE_TEMPLATE, QUESTION, ANSWER_ITEM],
+        "tokenizer": {
+            "name": Path(str(getattr(tokenizer, "name_or_path", ""))).name,
+            "vocab": len(tokenizer),
+            "probe": _encode(tokenizer, QUESTION + NEEDLE_TEMPLATE),
+        },
+        "haystack": [len(corpus), hashlib.sha256(np.asarray(corpus, dtype=np.int64).tobytes()).hexdigest()],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_passkey_dataset(tokenizer, spec: PasskeySpec, cache_dir: str | os.PathLike | None = None):
+    """The training samples of ``spec`` as a ``datasets.Dataset`` (loaded from cache if built before).
+
+    Sample ``i`` comes from interval ``i % num_lengths``; the rows are then shuffled by the seed so
+    that consecutive steps see different lengths.
+    """
+    import datasets
+
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"passkeys-{_cache_key(tokenizer, spec)}"
+        if (folder / "dataset_info.json").is_file():
+            logger.info("Loading cached passkey data from %s", folder)
+            return datasets.load_from_disk(str(folder))
+
+    order = np.random.default_rng([spec.seed, DATA_VERSION]).permutation(spec.num_samples)
+    rows = [make_sample(tokenizer, spec, int(i)) for i in order]
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "answer_start": datasets.Value("int32"),
+        "context_length": datasets.Value("int32"),
+        "depths": datasets.Sequence(datasets.Value("float32")),
+        "passkeys": datasets.Sequence(datasets.Value("string")),
+        "passkey_positions": datasets.Sequence(datasets.Value("int32")),
+        "sample_index": datasets.Value("int32"),
+    })
+    table = {name: [row[name] for row in rows] for name in features}
+    dataset = datasets.Dataset.from_dict(table, features=features)
+    if folder is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".passkeys-", dir=folder.parent))
+        try:
+            dataset.save_to_disk(str(staging))
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        logger.info("Cached %d passkey samples in %s", len(dataset), folder)
+        dataset = datasets.load_from_disk(str(folder))
+    return dataset

@@ -1,0 +1,75 @@
+"""Write trained gates as a duo-vllm pattern file, with the record of how they were made.
+
+The plugin and the trainer share nothing but the pattern format (``duo_vllm.pattern``): the
+pattern carries the gates, the sink/recent sizes they were trained with, the model's name and
+config fingerprint (so the plugin refuses it for another model) and a provenance record (data,
+schedule, seed, losses, wall time, device) so that a shipped file explains itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from duo_vllm.pattern import HeadPattern, binarize, model_fingerprint, retrieval_stats, save_pattern
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["gate_stats", "export_pattern"]
+
+
+def gate_stats(gates: np.ndarray, sparsity: float | None = None) -> dict[str, Any]:
+    """Summary of a gate array ``[num_layers, num_kv_heads]`` for logs, README and provenance."""
+    g = np.asarray(gates, dtype=np.float64)
+    stats: dict[str, Any] = {
+        "mean": round(float(g.mean()), 6),
+        "min": round(float(g.min()), 6),
+        "max": round(float(g.max()), 6),
+        "num_heads": int(g.size),
+        "below_0.1": int((g < 0.1).sum()),
+        "below_0.5": int((g < 0.5).sum()),
+        "above_0.9": int((g > 0.9).sum()),
+        "layer_means": [round(float(x), 4) for x in g.mean(axis=1)],
+    }
+    if sparsity is not None:
+        mask = binarize(g.astype(np.float32), sparsity=sparsity)
+        rs = retrieval_stats(mask)
+        stats["retrieval_per_layer_at_sparsity"] = {"sparsity": sparsity, "per_layer": rs["per_layer"]}
+    return stats
+
+
+def export_pattern(
+    out_dir: str | Path,
+    gates: np.ndarray,
+    *,
+    hf_config: Any,
+    model_name: str,
+    sink: int,
+    recent: int,
+    sparsity: float,
+    provenance: dict[str, Any],
+    overwrite: bool = True,
+) -> Path:
+    """Save ``gates`` (clipped to [0, 1]) as ``<out_dir>/duo_pattern.json``; returns the file path.
+
+    Parameters
+    ----------
+    hf_config : the model's ``PretrainedConfig`` as read from its config.json (for the fingerprint)
+    provenance : JSON-serialisable record of the run
+    """
+    gates = np.clip(np.asarray(gates, dtype=np.float32), 0.0, 1.0)
+    pattern = HeadPattern(
+        gates=gates,
+        sink_size=int(sink),
+        recent_size=int(recent),
+        model_name=model_name,
+        model_fingerprint=model_fingerprint(hf_config),
+        sparsity=float(sparsity),
+        provenance=dict(provenance),
+    )
+    path = save_pattern(pattern, out_dir, overwrite=overwrite)
+    logger.info("Wrote %s (%s)", path, pattern.describe())
+    return path

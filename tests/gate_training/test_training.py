@@ -1,0 +1,129 @@
+"""End-to-end gate training on SmolLM2 (CPU, short contexts): learning, export, determinism, resume.
+
+One uninterrupted 8-step run (module fixture) is the reference for every test here; the
+determinism and resume tests repeat it and compare gates bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duo_vllm.pattern import load_pattern, model_fingerprint
+from gate_training.config import GateTrainingError, TrainConfig
+from gate_training.trainer import GateTrainer, lr_at
+
+STEPS = 8
+
+
+def _config(model: str, out, **overrides) -> TrainConfig:
+    kwargs = dict(
+        model=model, out=str(out), sink=16, recent=32, min_context=160, max_context=320,
+        num_lengths=4, num_passkeys=2, passkey_length=8, steps=STEPS, warmup=2, seed=7,
+        save_every=4, num_threads=2, dtype="bfloat16", eval_samples=2,
+    )
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_run(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "pattern"
+    trainer = GateTrainer(_config(smollm2, out), progress=False)
+    teacher = trainer.teacher_hidden(trainer.eval_sample)
+    before = {k: float(v) for k, v in trainer.losses(trainer.eval_sample, grad=False, teacher=teacher).items()}
+    # gates all 1.0 rank every head equal: the deployment mask is then an arbitrary half
+    before_eval = trainer.evaluate()
+    result = trainer.train()
+    after = {k: float(v) for k, v in trainer.losses(trainer.eval_sample, grad=False, teacher=teacher).items()}
+    return {"trainer": trainer, "result": result, "before": before, "after": after,
+            "before_eval": before_eval, "out": out}
+
+
+def test_lr_schedule_warms_up_and_decays():
+    kw = dict(steps=2000, warmup=400, lr=0.02, lr_min=0.002)
+    assert lr_at(0, **kw) == pytest.approx(0.002)
+    assert lr_at(200, **kw) == pytest.approx(0.011)
+    assert lr_at(400, **kw) == lr_at(1599, **kw) == pytest.approx(0.02)
+    assert lr_at(1999, **kw) == pytest.approx(0.002)
+    assert lr_at(5, steps=10, warmup=0, lr=0.02, lr_min=0.002) == 0.02
+
+
+def test_training_reduces_the_distillation_loss_and_moves_gates(reference_run):
+    result, before, after = reference_run["result"], reference_run["before"], reference_run["after"]
+    assert result.finished and result.steps_done == STEPS and len(result.history) == STEPS
+    # at alpha = 1 the student is the teacher: zero distillation, objective = reg_weight
+    assert before["distill"] == pytest.approx(0.0, abs=1e-6)
+    assert before["loss"] == pytest.approx(0.05)
+    assert after["reg"] < before["reg"]
+    gates = result.gates
+    assert gates.shape == (30, 3) and gates.min() >= 0.0 and gates.max() <= 1.0
+    assert (1.0 - gates).max() > 0.05, "gates did not move away from 1.0"
+    assert gates.mean() < 0.99
+    # What training is for: the distillation loss of the model served with half of the heads
+    # streaming (gates binarised at sparsity 0.5), on a held-out sample. Before training every
+    # gate is 1.0 and the chosen half is arbitrary; after it the loss must be far lower, and far
+    # lower than keeping the lowest-gate half or making every head streaming.
+    ev, ev0 = result.evaluation["distill"], reference_run["before_eval"]["distill"]
+    assert ev["deploy"] < 0.5 * ev0["deploy"], (ev0, ev)
+    assert ev["deploy"] < 0.5 * ev["inverse"] and ev["deploy"] < 0.5 * ev["all_streaming"], ev
+    acc = result.evaluation["answer_token_accuracy"]
+    assert acc["deploy"] > acc["inverse"] and acc["deploy"] > acc["all_streaming"], acc
+    assert result.evaluation["samples"] == 2 and result.evaluation["context_lengths"] == [160, 320]
+
+
+def test_exported_pattern_loads_for_the_model(reference_run, smollm2):
+    from transformers import AutoConfig
+
+    pattern = load_pattern(reference_run["out"])
+    assert (pattern.num_layers, pattern.num_kv_heads) == (30, 3)
+    assert pattern.model_fingerprint == model_fingerprint(AutoConfig.from_pretrained(smollm2))
+    assert pattern.model_name == "SmolLM2-135M-Instruct"
+    assert (pattern.sink_size, pattern.recent_size, pattern.sparsity) == (16, 32, 0.5)
+    np.testing.assert_array_equal(pattern.gates, reference_run["result"].gates.astype(np.float32))
+    prov = pattern.provenance
+    assert prov["training"]["steps"] == STEPS and prov["training"]["seed"] == 7
+    assert prov["data"]["num_passkeys"] == 2 and prov["data"]["max_context"] == 320
+    assert set(prov["final_losses"]) >= {"last10_mean_loss", "last10_mean_distill"}
+    assert prov["wall_time_s"] > 0 and prov["device"].startswith("cpu")
+    assert pattern.binarize().sum() == 45  # default sparsity 0.5 of 90 heads
+
+
+def test_same_seed_gives_same_gates(reference_run, smollm2, tmp_path):
+    result = GateTrainer(_config(smollm2, tmp_path / "again"), progress=False).train()
+    np.testing.assert_array_equal(result.gates, reference_run["result"].gates)
+
+
+def test_resume_matches_uninterrupted_run(reference_run, smollm2, tmp_path):
+    out = tmp_path / "resumed"
+    first = GateTrainer(_config(smollm2, out), progress=False).train(stop_after=3)
+    assert not first.finished and first.steps_done == 3 and not (out / "duo_pattern.json").exists()
+    # the interrupted run saved at step 3: resuming continues from there (checkpoint every 4)
+    resumed_trainer = GateTrainer(_config(smollm2, out, resume=True), progress=False)
+    assert resumed_trainer.step == 3
+    resumed = resumed_trainer.train()
+    assert resumed.finished and len(resumed.history) == STEPS
+    np.testing.assert_array_equal(resumed.gates, reference_run["result"].gates)
+    ref_losses = [r["loss"] for r in reference_run["result"].history]
+    assert [r["loss"] for r in resumed.history] == ref_losses
+    assert (out / "duo_pattern.json").is_file()
+
+
+def test_resume_refuses_other_settings(reference_run, smollm2):
+    with pytest.raises(GateTrainingError, match="lr: checkpoint 0.02 vs now 0.03"):
+        GateTrainer(_config(smollm2, reference_run["out"], resume=True, lr=0.03), progress=False)
+
+
+def test_rerun_needs_overwrite(reference_run, smollm2):
+    with pytest.raises(GateTrainingError, match="already exists; pass --overwrite"):
+        GateTrainer(_config(smollm2, reference_run["out"]), progress=False)
+
+
+def test_tiny_qwen2_and_mistral_train_end_to_end(tiny_model_dirs, tmp_path):
+    """No per-model code: the same trainer runs the other families (2 steps, random weights)."""
+    for family in ("qwen2", "mistral"):
+        cfg = _config(tiny_model_dirs[family], tmp_path / family, steps=2, warmup=0, dtype="float32",
+                      max_context=200)
+        result = GateTrainer(cfg, progress=False).train()
+        assert result.finished and result.gates.shape == (2, 2)
+        assert load_pattern(tmp_path / family).num_kv_heads == 2
