@@ -11,9 +11,12 @@ streaming store and the streaming-head pass. Platform files only glue these to v
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import ClassVar
+
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
 from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
@@ -42,14 +45,96 @@ def check_supported(*, alibi_slopes, sliding_window, sinks, logits_soft_cap, att
         )
 
 
-class DuoImplMixin:
-    """Mixed into a platform's AttentionImpl subclass (which provides num_heads, head_size, scale)."""
+class DuoBackendMixin:
+    """Mixed in before a platform's AttentionBackend; the platform file names its classes."""
 
-    def _init_duo(self) -> None:
+    impl_cls: ClassVar[type]
+    builder_cls: ClassVar[type]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "DUO"
+
+    @classmethod
+    def get_impl_cls(cls) -> type:
+        return cls.impl_cls
+
+    @classmethod
+    def get_builder_cls(cls) -> type:
+        return cls.builder_cls
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+class DuoMetadataBuilderMixin:
+    """Mixed in before a platform's metadata builder: adds host copies of the request layout.
+
+    ``metadata_cls`` subclasses the platform's metadata with ``query_start_host`` and
+    ``seq_lens_host`` (lists) fields.
+    """
+
+    metadata_cls: ClassVar[type]
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False):
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        num_reqs = common_attn_metadata.num_reqs
+        return self.metadata_cls(
+            **{f.name: getattr(base, f.name) for f in fields(base)},
+            query_start_host=common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist(),
+            seq_lens_host=common_attn_metadata.seq_lens[:num_reqs].cpu().tolist(),
+        )
+
+
+class DuoImplMixin:
+    """Mixed in before a platform's AttentionImpl (which provides num_heads, head_size, scale and
+    the stock kernel through ``super()``)."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None) -> None:
+        check_supported(alibi_slopes=alibi_slopes, sliding_window=sliding_window, sinks=sinks,
+                        logits_soft_cap=logits_soft_cap, attn_type=attn_type, kv_cache_dtype=kv_cache_dtype)
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         # Resolving the pattern here makes every configuration error a start-up error.
         self.runtime = runtime_from_vllm_config(get_current_vllm_config())
         self._plan: HeadPlan | None = None
         self._store: PagedStreamingStore | None = None
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        plan = self.head_plan(layer)
+        if plan.any_retrieval:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if plan.any_streaming:
+            num_blocks, _, block_size, _ = kv_cache.shape
+            self.write_streaming(plan, key, value, slot_mapping, num_blocks, block_size)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        """query [T, Hq, D]; kv_cache [blocks, Hk, block_size, 2 * D]; output [T, Hq * D]."""
+        if attn_metadata is None:  # profiling / warm-up run: the platform decides what to return
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        plan = self.head_plan(layer)
+        if plan.any_retrieval:
+            # The stock kernel computes every head; streaming heads are overwritten below.
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                            output_scale, output_block_scale)
+        if plan.any_streaming:
+            num_blocks, _, block_size, _ = kv_cache.shape
+            self.streaming_forward(
+                plan, query, output, num_tokens=attn_metadata.num_actual_tokens,
+                query_start=attn_metadata.query_start_host, seq_lens=attn_metadata.seq_lens_host,
+                block_table=attn_metadata.block_table, num_blocks=num_blocks, block_size=block_size)
+        return output
 
     def head_plan(self, layer) -> HeadPlan:
         if self._plan is None:
