@@ -7,30 +7,25 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions, lambda_visible
 from duo_vllm.reference import duo_attention
+from tests.helpers.attention import (  # noqa: F401  (one_thread: autouse fixture)
+    DTYPES,
+    HEAD_DIMS,
+    HEADS,
+    SEQ_LENS,
+    check_close,
+    make_qkv,
+    one_thread,
+    sdpa_causal,
+)
 
-HEADS = [(4, 4), (8, 2), (9, 3), (5, 1)]  # (num_q_heads, num_kv_heads)
-HEAD_DIMS = [64, 128]
-SEQ_LENS = [1, 3, 19, 99, 577]
-DTYPES = [torch.bfloat16, torch.float32]
 SINK_RECENT = [(1, 1), (4, 16), (2, 64)]
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
 
 PROPERTY = settings(max_examples=150, deadline=None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and contention on CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -38,16 +33,6 @@ def one_thread():
 
 def brute_visible(i: int, j: int, sink: int, recent: int) -> bool:
     return j <= i and (j < sink or i - j < recent)
-
-
-def make_qkv(seq_len, num_q_heads, num_kv_heads, head_dim, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    shape_q = (seq_len, num_q_heads, head_dim)
-    shape_kv = (seq_len, num_kv_heads, head_dim)
-    q = torch.randn(shape_q, generator=gen).to(dtype)
-    k = torch.randn(shape_kv, generator=gen).to(dtype)
-    v = torch.randn(shape_kv, generator=gen).to(dtype)
-    return q, k, v
 
 
 def chunk_bounds(start: int, end: int, mode: str, seed: int) -> list[tuple[int, int]]:
@@ -81,25 +66,6 @@ def chunked_lambda(query, key, value, start, end, *, sink, recent, scale, mode="
 
 def all_streaming(num_q_heads):
     return torch.zeros(num_q_heads, dtype=torch.bool)
-
-
-def check_close(actual, expected, dtype, what):
-    atol, rtol = TOLERANCES[dtype]
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    torch.testing.assert_close(
-        actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}\n{m}"
-    )
-
-
-def sdpa_causal(query, key, value, scale):
-    """Plain causal attention in fp32 via torch SDPA, GQA expanded; [T, Hq, D] in query.dtype."""
-    group = query.shape[1] // key.shape[1]
-    q = query.float().transpose(0, 1)[None]
-    k = key.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
-    v = value.float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out[0].transpose(0, 1).to(query.dtype)
 
 
 # ----------------------------------------------------------------------------- (a) lambda_visible
