@@ -89,11 +89,14 @@ def haystack_tokens(tokenizer, num_tokens: int, *, offset: int = 0) -> list[int]
     return list(ids[offset:offset + num_tokens])
 
 
-_ENCODED: dict[int, Sequence[int]] = {}
+# id(tokenizer) -> (tokenizer, ids). Holding the tokenizer keeps its id from being reused by
+# another tokenizer while the entry exists, which would hand back the wrong token ids.
+_ENCODED: dict[int, tuple[object, Sequence[int]]] = {}
 
 
 def _encoded(tokenizer) -> Sequence[int]:
-    key = id(tokenizer)
-    if key not in _ENCODED:
-        _ENCODED[key] = tokenizer.encode(haystack_text(), add_special_tokens=False)
-    return _ENCODED[key]
+    entry = _ENCODED.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:
+        entry = (tokenizer, tokenizer.encode(haystack_text(), add_special_tokens=False))
+        _ENCODED[id(tokenizer)] = entry
+    return entry[1]
