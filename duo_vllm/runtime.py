@@ -27,6 +27,20 @@ logger = logging.getLogger("vllm.duo_vllm")
 
 
 @dataclass(frozen=True)
+class HeadSlots:
+    """KV head slots per layer in the two cache groups (identical on every TP rank)."""
+
+    retrieval: np.ndarray  # int [num_layers]
+    streaming: np.ndarray  # int [num_layers]
+    local_kv_heads: int
+
+    @property
+    def padding(self) -> int:
+        """Slots beyond the local KV heads, summed over layers: the TP padding cost."""
+        return int((self.retrieval + self.streaming - self.local_kv_heads).sum())
+
+
+@dataclass(frozen=True)
 class DuoRuntime:
     config: DuoConfig
     pattern: HeadPattern
@@ -48,6 +62,21 @@ class DuoRuntime:
         shard = shard_for_tensor_parallel(self.retrieval_mask, self.tp_size, self.tp_rank)
         return shard[layer_index]
 
+    def head_slots(self) -> "HeadSlots":
+        """Per-layer retrieval / streaming KV head slots of every rank's cache spec.
+
+        vLLM requires each layer's KV-cache spec to be identical on all tensor-parallel ranks,
+        but a pattern can give ranks different retrieval counts in one layer; each layer's
+        spec therefore takes the largest count over ranks (a rank with fewer leaves slots
+        unused). With one rank there is no padding.
+        """
+        shards = [shard_for_tensor_parallel(self.retrieval_mask, self.tp_size, rank)
+                  for rank in range(self.tp_size)]
+        retrieval = np.max([shard.sum(axis=1) for shard in shards], axis=0).astype(int)
+        streaming = np.max([(~shard).sum(axis=1) for shard in shards], axis=0).astype(int)
+        local_heads = shards[0].shape[1]
+        return HeadSlots(retrieval, streaming, local_heads)
+
     def kv_saving(self, context_len: int) -> float:
         """Fraction of KV bytes saved versus full attention for one sequence of ``context_len``."""
         if context_len <= 0:
@@ -65,8 +94,7 @@ class DuoRuntime:
             f"retrieval KV heads per layer min/mean/max {stats['min_per_layer']}/"
             f"{stats['mean_per_layer']:.2f}/{stats['max_per_layer']} of {stats['num_kv_heads']} "
             f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}; "
-            f"KV saving this pattern implies at {context_len} tokens: {self.kv_saving(context_len):.1%} "
-            f"(not yet realised: this release keeps full K/V for every head)"
+            f"KV saving this pattern implies at {context_len} tokens: {self.kv_saving(context_len):.1%}"
         )
 
 
@@ -137,5 +165,9 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         tp_rank=tp_rank,
     )
     logger.info(runtime.summary(model_config.max_model_len))
+    if vllm_config.cache_config.block_size:
+        from duo_vllm.kv_cache.report import kv_report
+
+        logger.info(kv_report(vllm_config, runtime=runtime).line())
     _RUNTIMES[key] = runtime
     return runtime

@@ -1,12 +1,12 @@
 """Where streaming heads' K/V live, behind one small interface.
 
-The backend writes streaming heads' new K/V with :meth:`write` and reads the positions a query
-may see with :meth:`gather`; the attention math (``duo_vllm.ops``) never touches storage. This
-store mirrors vLLM's paged slots in a plain [slot, head, dim] layout: vLLM's CPU kernels keep
-K/V in ISA-specific packed layouts that other code must not read, and sharing vLLM's slot ids
-makes chunked prefill and prefix-cache hits correct with no extra bookkeeping (a cached block's
-streaming K/V sit in the same slots). Its footprint is that of full attention for the streaming
-heads; a fixed sink + recent store per request is the block-manager extension's job.
+The backend writes streaming heads' new K/V with :meth:`StreamingKV.write` and reads the
+positions a query may see with :meth:`StreamingKV.gather`; the attention math
+(``duo_vllm.ops``) never touches storage. The storage is a page of vLLM's own KV-cache pool
+(the streaming group of ``duo_vllm.kv_cache``), viewed as [blocks, heads, block_size, K|V] in
+plain layout: only DUO code reads and writes it, so no platform kernel's packed layout applies.
+Blocks between the sinks and the recent window are freed by the manager; their block-table
+entries then name vLLM's null block and are never gathered.
 """
 
 from __future__ import annotations
@@ -14,29 +14,33 @@ from __future__ import annotations
 import torch
 
 
-class PagedStreamingStore:
-    """K/V of one layer's streaming heads, addressed by vLLM slot id (block * block_size + offset)."""
+class StreamingKV:
+    """One layer's streaming heads in vLLM's paged cache, addressed by vLLM slot ids."""
 
-    def __init__(self, num_slots: int, num_heads: int, head_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        self.key = torch.zeros(num_slots, num_heads, head_size, dtype=dtype, device=device)
-        self.value = torch.zeros_like(self.key)
+    def __init__(self, kv_cache: torch.Tensor, head_size: int, num_heads: int | None = None) -> None:
+        # kv_cache [blocks, head slots, block_size, 2 * head_size]; a tensor-parallel rank may
+        # use fewer heads than the spec's slots (the rest are padding).
+        self.cache = kv_cache
+        self.head_size = head_size
+        self.num_heads = kv_cache.shape[1] if num_heads is None else num_heads
 
     @property
-    def num_slots(self) -> int:
-        return self.key.shape[0]
+    def block_size(self) -> int:
+        return self.cache.shape[2]
 
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """key/value [T, heads, D] for the streaming heads; slot_mapping [>= T], -1 = padding."""
-        slots = slot_mapping[: key.shape[0]]
+        slots = slot_mapping[: key.shape[0]].long()
         valid = slots >= 0
         if not bool(valid.all()):
             slots, key, value = slots[valid], key[valid], value[valid]
-        self.key[slots] = key
-        self.value[slots] = value
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        d, h = self.head_size, self.num_heads
+        self.cache[blocks, :h, offsets, :d] = key.to(self.cache.dtype)
+        self.cache[blocks, :h, offsets, d:] = value.to(self.cache.dtype)
 
-    def gather(self, block_row: torch.Tensor, positions: torch.Tensor,
-               block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, block_row: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [len(positions), heads, D] of one request, given its block-table row."""
-        slots = block_row[positions // block_size].long() * block_size + positions % block_size
-        return self.key[slots], self.value[slots]
+        blocks = block_row[positions // self.block_size].long()
+        kv = self.cache[blocks, : self.num_heads, positions % self.block_size]
+        return kv[..., : self.head_size], kv[..., self.head_size:]

@@ -16,12 +16,14 @@ from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata, MultipleOf
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
+from duo_vllm.kv_cache.spec import DuoStreamingSpec
 from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
 from duo_vllm.runtime import runtime_from_vllm_config
-from duo_vllm.streaming_store import PagedStreamingStore
+from duo_vllm.streaming_store import StreamingKV
 
 # Queries of one request handled per streaming step: bounds the score matrix to
 # chunk x (sink + recent + chunk) whatever the prompt length.
@@ -69,6 +71,14 @@ class DuoBackendMixin:
         return False
 
     @classmethod
+    def get_supported_kernel_block_sizes(cls, kv_cache_spec=None) -> list:
+        # Streaming-head pages are read by DUO's own gather, never by the platform kernel, so
+        # their block size (chosen for capacity, duo_vllm.kv_cache.spec) is free.
+        if isinstance(kv_cache_spec, DuoStreamingSpec):
+            return [MultipleOf(1)]
+        return super().get_supported_kernel_block_sizes(kv_cache_spec)
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
@@ -95,7 +105,12 @@ class DuoMetadataBuilderMixin:
 
 class DuoImplMixin:
     """Mixed in before a platform's AttentionImpl (which provides num_heads, head_size, scale and
-    the stock kernel through ``super()``)."""
+    the stock kernel through ``super()``).
+
+    The layer's own cache holds its retrieval heads (``FullAttentionSpec`` with that many heads),
+    or its streaming heads when it has no retrieval heads; otherwise the streaming heads sit in
+    the companion layer named ``layer.duo_streaming_layer_name`` (``duo_vllm.kv_cache``).
+    """
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -107,60 +122,72 @@ class DuoImplMixin:
         # Resolving the pattern here makes every configuration error a start-up error.
         self.runtime = runtime_from_vllm_config(get_current_vllm_config())
         self._plan: HeadPlan | None = None
-        self._store: PagedStreamingStore | None = None
-
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        plan = self.head_plan(layer)
-        if plan.any_retrieval:
-            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if plan.any_streaming:
-            num_blocks, _, block_size, _ = kv_cache.shape
-            self.write_streaming(plan, key, value, slot_mapping, num_blocks, block_size)
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        """query [T, Hq, D]; kv_cache [blocks, Hk, block_size, 2 * D]; output [T, Hq * D]."""
-        if attn_metadata is None:  # profiling / warm-up run: the platform decides what to return
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
-        plan = self.head_plan(layer)
-        if plan.any_retrieval:
-            # The stock kernel computes every head; streaming heads are overwritten below.
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                            output_scale, output_block_scale)
-        if plan.any_streaming:
-            num_blocks, _, block_size, _ = kv_cache.shape
-            self.streaming_forward(
-                plan, query, output, num_tokens=attn_metadata.num_actual_tokens,
-                query_start=attn_metadata.query_start_host, seq_lens=attn_metadata.seq_lens_host,
-                block_table=attn_metadata.block_table, num_blocks=num_blocks, block_size=block_size)
-        return output
 
     def head_plan(self, layer) -> HeadPlan:
         if self._plan is None:
             self._plan = plan_for_layer(self.runtime, layer.layer_name, self.num_heads, self.num_kv_heads)
         return self._plan
 
-    def streaming_store(self, plan: HeadPlan, num_blocks: int, block_size: int,
-                        like: torch.Tensor) -> PagedStreamingStore:
-        if self._store is None or self._store.num_slots != num_blocks * block_size:
-            self._store = PagedStreamingStore(num_blocks * block_size, len(plan.streaming_kv_heads),
-                                              self.head_size, like.dtype, like.device)
-        return self._store
+    def streaming_context(self, layer, kv_cache, attn_metadata, slot_mapping):
+        """(cache, metadata, slot mapping) of the layer's streaming heads for this step."""
+        name = layer.duo_streaming_layer_name
+        if name == layer.layer_name:
+            return kv_cache, attn_metadata, slot_mapping
+        context = get_forward_context()
+        metadata = context.attn_metadata
+        if isinstance(metadata, list):
+            metadata = metadata[0]
+        return (context.no_compile_layers[name].kv_cache,
+                metadata[name] if metadata is not None else None,
+                context.slot_mapping.get(name) if isinstance(context.slot_mapping, dict) else None)
 
-    def write_streaming(self, plan: HeadPlan, key, value, slot_mapping, num_blocks: int, block_size: int) -> None:
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        plan = self.head_plan(layer)
+        if plan.all_retrieval:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            return
+        if plan.any_retrieval:
+            heads = plan.retrieval_kv_heads.to(key.device)
+            r = heads.numel()
+            super().do_kv_cache_update(layer, key[:, heads], value[:, heads], kv_cache[:, :r], slot_mapping)
+        cache, _, streaming_slots = self.streaming_context(layer, kv_cache, None, slot_mapping)
         heads = plan.streaming_kv_heads.to(key.device)
-        store = self.streaming_store(plan, num_blocks, block_size, key)
-        store.write(key[:, heads], value[:, heads], slot_mapping)
+        StreamingKV(cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads], streaming_slots)
 
-    def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, output: torch.Tensor, *,
-                          num_tokens: int, query_start: list[int], seq_lens: list[int],
-                          block_table: torch.Tensor, num_blocks: int, block_size: int) -> None:
-        """Overwrite the streaming heads' rows of ``output`` [T, Hq * D] with Λ-masked attention."""
-        store = self.streaming_store(plan, num_blocks, block_size, query)
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        """query [T, Hq, D]; kv_cache [blocks, heads in this cache, block_size, 2 * D];
+        output [T, Hq * D]."""
+        plan = self.head_plan(layer)
+        if attn_metadata is None or plan.all_retrieval:
+            # Profiling / warm-up run (the platform decides what to return), or a layer whose
+            # heads all keep full attention: exactly the stock kernel.
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        num_tokens = attn_metadata.num_actual_tokens
+        out_heads = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
+        if plan.any_retrieval:
+            q_heads = plan.retrieval_q_heads.to(query.device)
+            r = plan.retrieval_kv_heads.numel()
+            partial = torch.empty(num_tokens, q_heads.numel() * self.head_size,
+                                  dtype=output.dtype, device=output.device)
+            super().forward(layer, query[:num_tokens, q_heads], key, value, kv_cache[:, :r],
+                            attn_metadata, partial, output_scale, output_block_scale)
+            out_heads[:, q_heads] = partial.view(num_tokens, -1, self.head_size)
+        cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
+        self.streaming_forward(
+            plan, query, out_heads, StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel()),
+            query_start=metadata.query_start_host, seq_lens=metadata.seq_lens_host,
+            block_table=metadata.block_table)
+        return output
+
+    def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
+                          store: StreamingKV, *, query_start: list[int], seq_lens: list[int],
+                          block_table: torch.Tensor) -> None:
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D]."""
         device = query.device
+        num_tokens = out_heads.shape[0]
         q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        out_all = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         q_heads = plan.streaming_q_heads.to(device)
         sink, recent = self.runtime.sink, self.runtime.recent
         for r, seq_len in enumerate(seq_lens):
@@ -169,10 +196,10 @@ class DuoImplMixin:
             for begin in range(context, seq_len, QUERY_CHUNK):
                 end = min(begin + QUERY_CHUNK, seq_len)
                 k_pos = lambda_key_positions(begin, end, sink=sink, recent=recent).to(device)
-                keys, values = store.gather(block_row, k_pos, block_size)
+                keys, values = store.gather(block_row, k_pos)
                 rows = slice(query_start[r] + begin - context, query_start[r] + end - context)
-                out_all[rows, q_heads] = lambda_attention(
+                out_heads[rows, q_heads] = lambda_attention(
                     q_all[rows][:, q_heads], keys, values,
                     torch.arange(begin, end, device=device), k_pos,
                     sink=sink, recent=recent, scale=self.scale,
-                ).to(out_all.dtype)
+                ).to(out_heads.dtype)

@@ -2,19 +2,22 @@
 
 Retrieval heads go through vLLM's own CPU paged-attention kernel exactly as CPU_ATTN runs them;
 streaming heads are recomputed with the exact Λ mask from the K/V they may see (sink + window),
-gathered per request (``backends/common.py``). The cache layout is CPU_ATTN's (LBHNC).
+gathered per request (``backends/common.py``). The cache layout is block-outermost (BLHNC) so both KV-cache groups share each block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm.v1.attention.backend import KVCacheLayout
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
+
+from vllm.v1.attention.backend import KVCacheLayout
 
 from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, DuoMetadataBuilderMixin
 
@@ -30,6 +33,16 @@ class DuoAttentionMetadata(CPUAttentionMetadata):
 class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataBuilder):
     metadata_cls = DuoAttentionMetadata
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # The kernel's scheduler metadata is sized by query heads: a DUO layer's cache holds only
+        # its retrieval KV heads, and the kernel sees only their query heads.
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        group = (model_config.get_num_attention_heads(parallel)
+                 // model_config.get_num_kv_heads(parallel))
+        self.num_heads = kv_cache_spec.num_kv_heads * group
+
 
 class DuoAttentionImpl(DuoImplMixin, CPUAttentionBackendImpl):
     pass
@@ -37,6 +50,12 @@ class DuoAttentionImpl(DuoImplMixin, CPUAttentionBackendImpl):
 
 class DuoAttentionBackend(DuoBackendMixin, CPUAttentionBackend):
     """Selected by ``--attention-backend DUO`` on CPU."""
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Block-outermost: the retrieval and streaming groups' pages of every layer share one
+        # block (duo_vllm.kv_cache.grouping). The CPU kernel reads blocks through their stride.
+        return (KVCacheLayout.BLHNC,)
 
     impl_cls = DuoAttentionImpl
     builder_cls = DuoAttentionMetadataBuilder

@@ -15,6 +15,8 @@ class HeadPlan:
     retrieval_kv: torch.Tensor  # bool [local KV heads]
     streaming_kv_heads: torch.Tensor  # long, local KV head indices
     streaming_q_heads: torch.Tensor  # long, local query head indices (GQA groups of those KV heads)
+    retrieval_kv_heads: torch.Tensor  # long, local KV head indices
+    retrieval_q_heads: torch.Tensor  # long, local query head indices
 
     @property
     def any_retrieval(self) -> bool:
@@ -23,6 +25,10 @@ class HeadPlan:
     @property
     def any_streaming(self) -> bool:
         return self.streaming_kv_heads.numel() > 0
+
+    @property
+    def all_retrieval(self) -> bool:
+        return not self.any_streaming
 
 
 def layer_index_from_name(layer_name: str) -> int:
@@ -45,6 +51,10 @@ def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int
             f"{retrieval.numel()} for this rank; the pattern does not fit this model."
         )
     group = num_q_heads // num_kv_heads
+    def query_heads(kv_heads: torch.Tensor) -> torch.Tensor:
+        return (kv_heads[:, None] * group + torch.arange(group)[None, :]).flatten()
+
     streaming_kv = torch.nonzero(~retrieval).flatten()
-    streaming_q = (streaming_kv[:, None] * group + torch.arange(group)[None, :]).flatten()
-    return HeadPlan(index, retrieval, streaming_kv, streaming_q)
+    retrieval_kv = torch.nonzero(retrieval).flatten()
+    return HeadPlan(index, retrieval, streaming_kv, query_heads(streaming_kv),
+                    retrieval_kv, query_heads(retrieval_kv))

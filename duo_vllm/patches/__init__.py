@@ -14,8 +14,14 @@ def apply_all() -> None:
     if _applied:
         return
     _applied = True
-    from duo_vllm.patches import backend_enum_pickle, cpu_platform_backend, engine_config_validation
+    from duo_vllm.patches import (
+        backend_enum_pickle,
+        cpu_platform_backend,
+        engine_config_validation,
+        kv_cache_layout,
+    )
 
     backend_enum_pickle.apply()
     cpu_platform_backend.apply()
     engine_config_validation.apply()
+    kv_cache_layout.apply()

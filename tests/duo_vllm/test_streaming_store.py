@@ -1,5 +1,6 @@
-"""Tests of duo_vllm.streaming_store.PagedStreamingStore: writes by vLLM slot id, reads by
-position through a block-table row."""
+"""Tests of duo_vllm.streaming_store.StreamingKV: writes by vLLM slot id, reads by position
+through a block-table row, on a strided block-outermost view like the one vLLM binds (BLHNC:
+each block also holds other layers' pages, which must never be touched)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duo_vllm.streaming_store import PagedStreamingStore
+from duo_vllm.streaming_store import StreamingKV
 
 BLOCK_SIZES = [1, 16, 32]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -31,6 +32,34 @@ def rows(num_tokens, heads, head_size, dtype, gen):
     return base, -base - 1
 
 
+SENTINEL = 12345.0
+
+
+def make_store(num_blocks, block_size, heads, head_size, dtype):
+    """A StreamingKV over [blocks, heads, block_size, 2 * D] carved out of a buffer whose blocks
+    are wider (another page before and after it, filled with SENTINEL)."""
+    page = heads * block_size * 2 * head_size
+    buffer = torch.full((num_blocks, 3 * page), SENTINEL, dtype=dtype)
+    buffer[:, page : 2 * page] = 0
+    view = buffer[:, page : 2 * page].view(num_blocks, heads, block_size, 2 * head_size)
+    store = StreamingKV(view, head_size)
+    store.buffer, store.page = buffer, page
+    return store
+
+
+def keys_of(store):
+    return store.cache[..., : store.head_size].transpose(1, 2).reshape(-1, store.num_heads, store.head_size)
+
+
+def values_of(store):
+    return store.cache[..., store.head_size :].transpose(1, 2).reshape(-1, store.num_heads, store.head_size)
+
+
+def check_neighbours_untouched(store):
+    outside = torch.cat([store.buffer[:, : store.page], store.buffer[:, 2 * store.page :]], dim=1)
+    assert (outside == SENTINEL).all(), "a write reached another page of the block"
+
+
 def check_equal(actual, expected, what):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
@@ -44,8 +73,7 @@ def check_equal(actual, expected, what):
 def test_round_trip_with_random_block_table(heads, head_size, num_tokens, block_size, dtype):
     gen = torch.Generator().manual_seed(num_tokens * 100 + block_size)
     num_blocks = -(-num_tokens // block_size) * 2 + 3
-    store = PagedStreamingStore(num_blocks * block_size, heads, head_size, dtype)
-    assert store.num_slots == num_blocks * block_size
+    store = make_store(num_blocks, block_size, heads, head_size, dtype)
     row = block_row(num_tokens, block_size, num_blocks, gen)
     key, value = rows(num_tokens, heads, head_size, dtype, gen)
     positions = torch.arange(num_tokens)
@@ -53,20 +81,22 @@ def test_round_trip_with_random_block_table(heads, head_size, num_tokens, block_
     # padded slot mapping, longer than the tokens (vLLM pads to a CUDA-graph size)
     store.write(key, value, torch.cat([slots, torch.full((5,), -1)]))
 
-    k, v = store.gather(row, positions, block_size)
+    k, v = store.gather(row, positions)
     check_equal(k, key, "gathered keys vs written keys")
     check_equal(v, value, "gathered values vs written values")
 
     # an arbitrary subset, in arbitrary order, with repeats
     pick = torch.randint(0, num_tokens, (7,), generator=gen)
-    k, v = store.gather(row, pick, block_size)
+    k, v = store.gather(row, pick)
     check_equal(k, key[pick], f"keys at positions {pick.tolist()}")
     check_equal(v, value[pick], f"values at positions {pick.tolist()}")
 
     # nothing outside the request's slots was touched
-    untouched = torch.ones(store.num_slots, dtype=torch.bool)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
     untouched[slots] = False
-    assert not store.key[untouched].any() and not store.value[untouched].any(), "write touched foreign slots"
+    assert not keys_of(store)[untouched].any() and not values_of(store)[untouched].any(), \
+        "write touched foreign slots"
+    check_neighbours_untouched(store)
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -76,7 +106,7 @@ def test_padding_entries_inside_the_batch_are_ignored(block_size):
     gen = torch.Generator().manual_seed(block_size)
     heads, head_size, num_blocks = 2, 64, 8
     n_a, n_b = 2 * block_size + 1, 3 * block_size
-    store = PagedStreamingStore(num_blocks * block_size, heads, head_size, torch.float32)
+    store = make_store(num_blocks, block_size, heads, head_size, torch.float32)
     row_b = torch.tensor([num_blocks - 3, 1, num_blocks - 1], dtype=torch.int32)  # owns the last slot
     row_a = torch.tensor([4, 0, 2], dtype=torch.int32)
     key_a, value_a = rows(n_a, heads, head_size, torch.float32, gen)
@@ -84,17 +114,18 @@ def test_padding_entries_inside_the_batch_are_ignored(block_size):
     pad_k = torch.full((2, heads, head_size), 999.0)
     slot_a = slots_for(row_a, torch.arange(n_a), block_size)
     slot_b = slots_for(row_b, torch.arange(n_b), block_size)
-    assert int(slot_b[-1]) == store.num_slots - 1
+    assert int(slot_b[-1]) == num_blocks * block_size - 1
     key = torch.cat([key_a, pad_k[:1], key_b, pad_k[1:]])
     value = torch.cat([value_a, pad_k[:1], value_b, pad_k[1:]])
     minus = torch.full((1,), -1)
     store.write(key, value, torch.cat([slot_a, minus, slot_b, minus, minus, minus]))
 
     for name, row, n, k_ref, v_ref in (("A", row_a, n_a, key_a, value_a), ("B", row_b, n_b, key_b, value_b)):
-        k, v = store.gather(row, torch.arange(n), block_size)
+        k, v = store.gather(row, torch.arange(n))
         check_equal(k, k_ref, f"request {name} keys")
         check_equal(v, v_ref, f"request {name} values")
-    assert not (store.key == 999.0).any(), "a padding row (slot -1) was written somewhere"
+    assert not (keys_of(store) == 999.0).any(), "a padding row (slot -1) was written somewhere"
+    check_neighbours_untouched(store)
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -103,23 +134,23 @@ def test_chunked_writes_then_decode(block_size):
     gen = torch.Generator().manual_seed(7)
     total, heads, head_size = 77, 3, 64
     num_blocks = -(-total // block_size) + 4
-    store = PagedStreamingStore(num_blocks * block_size, heads, head_size, torch.bfloat16)
+    store = make_store(num_blocks, block_size, heads, head_size, torch.bfloat16)
     row = block_row(total, block_size, num_blocks, gen)
     key, value = rows(total, heads, head_size, torch.bfloat16, gen)
     bounds = [0, 10, 11, 40, 70] + list(range(71, total + 1))
     for a, b in zip(bounds, bounds[1:]):
         store.write(key[a:b], value[a:b], slots_for(row, torch.arange(a, b), block_size))
-        k, v = store.gather(row, torch.arange(b), block_size)
+        k, v = store.gather(row, torch.arange(b))
         check_equal(k, key[:b], f"keys after writing [{a}, {b})")
         check_equal(v, value[:b], f"values after writing [{a}, {b})")
 
 
 def test_gather_uses_the_block_table():
     """A wrong block table reads other rows: the gather really goes through it."""
-    store = PagedStreamingStore(8, 1, 4, torch.float32)
+    store = make_store(4, 2, 1, 4, torch.float32)
     key = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 1, 4).contiguous()
     store.write(key, key, torch.arange(8))
-    k, _ = store.gather(torch.tensor([3, 0, 1, 2]), torch.arange(8), 2)
+    k, _ = store.gather(torch.tensor([3, 0, 1, 2]), torch.arange(8))
     assert k[:, 0, 0].tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
 
 
@@ -143,7 +174,7 @@ def test_round_trip_property(block_size, lengths, pad_every, seed, data):
     for nb in blocks_needed:
         rows_tbl.append(perm[used : used + nb])
         used += nb
-    store = PagedStreamingStore(num_blocks * block_size, heads, head_size, torch.float32)
+    store = make_store(num_blocks, block_size, heads, head_size, torch.float32)
     keys = [torch.randn(n, heads, head_size, generator=gen) for n in lengths]
     values = [torch.randn(n, heads, head_size, generator=gen) for n in lengths]
 
@@ -165,10 +196,11 @@ def test_round_trip_property(block_size, lengths, pad_every, seed, data):
             slots.append(int(slots_for(rows_tbl[r], torch.tensor([p]), block_size)))
         store.write(torch.cat(ks), torch.cat(vs), torch.tensor(slots + [-1] * 3))
 
-    assert not store.key.isnan().any(), "a padding row (slot -1) was stored"
+    assert not keys_of(store).isnan().any(), "a padding row (slot -1) was stored"
+    check_neighbours_untouched(store)
     for r, n in enumerate(lengths):
         positions = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=10),
                                            label=f"positions of request {r}"))
-        k, v = store.gather(rows_tbl[r], positions, block_size)
+        k, v = store.gather(rows_tbl[r], positions)
         check_equal(k, keys[r][positions], f"request {r} keys at {positions.tolist()}")
         check_equal(v, values[r][positions], f"request {r} values at {positions.tolist()}")

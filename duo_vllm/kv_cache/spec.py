@@ -1,0 +1,75 @@
+"""The KV-cache spec of one layer's streaming heads, and how many blocks it needs.
+
+A request's streaming heads see tokens ``[0, sink)`` and the last ``recent`` tokens, so the
+group keeps ``ceil(sink / block_size)`` sink blocks plus the blocks covering the window;
+everything between is freed by :class:`duo_vllm.kv_cache.manager.DuoStreamingManager`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class DuoStreamingSpec(AttentionSpec):
+    """Paged K/V of a layer's streaming heads: only sink and recent blocks stay allocated."""
+
+    sink: int
+    recent: int
+
+    def sink_blocks(self) -> int:
+        return cdiv(self.sink, self.block_size)
+
+    def max_blocks_per_request(self, max_model_len: int) -> int:
+        """Blocks one request holds between steps: sink blocks, the window, one block of slack.
+
+        The window can straddle one more block boundary than its length needs, hence the
+        ``+ 1``. Within a step a request also holds the blocks of the tokens it is computing
+        (freed right after), exactly as full attention holds its newest blocks: vLLM admits
+        those allocations block by block, so they are not part of the per-request footprint.
+        """
+        window = cdiv(self.recent - 1, self.block_size) + 1
+        return min(self.sink_blocks() + window, cdiv(max_model_len, self.block_size))
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return self.max_blocks_per_request(vllm_config.model_config.max_model_len) * self.page_size_bytes
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(
+            isinstance(spec, DuoStreamingSpec) and (spec.sink, spec.recent) == (self.sink, self.recent)
+            for spec in kv_cache_specs.values()
+        )
+
+
+def streaming_block_size(retrieval_block_size: int, retrieval_heads: int, streaming_heads: int, *,
+                         sink: int, recent: int, max_model_len: int, min_block_size: int = 8) -> int:
+    """Block size of the streaming group that fits the most requests of ``max_model_len``.
+
+    Both groups draw block ids from one pool, and a block costs the larger of the two groups'
+    pages summed over layers (``retrieval_heads * retrieval_block_size`` against
+    ``streaming_heads * size`` head-token slots). Candidates are power-of-two multiples and
+    fractions of the retrieval block size, so prefix-cache hashes stay aligned; the one with the
+    smallest bytes per request at ``max_model_len`` wins (larger blocks on ties).
+    """
+    if streaming_heads <= 0 or retrieval_heads <= 0:
+        return retrieval_block_size
+    candidates = {retrieval_block_size}
+    size = retrieval_block_size
+    while size % 2 == 0 and size // 2 >= min_block_size:
+        size //= 2
+        candidates.add(size)
+    candidates.update(retrieval_block_size * 2**k for k in range(1, 4))
+
+    def bytes_per_request(size: int) -> tuple[int, int]:
+        block_slots = max(retrieval_heads * retrieval_block_size, streaming_heads * size)
+        spec = DuoStreamingSpec(block_size=size, num_kv_heads=1, head_size=1, dtype=torch.int8,
+                                sink=sink, recent=recent)
+        blocks = cdiv(max_model_len, retrieval_block_size) + spec.max_blocks_per_request(max_model_len)
+        return blocks * block_slots, -size
+
+    return min(candidates, key=bytes_per_request)

@@ -1,0 +1,123 @@
+"""Give DUO layers their own KV-cache layout: retrieval heads paged, streaming heads sink + recent.
+
+Why: vLLM 0.32 builds each attention layer's ``FullAttentionSpec`` from the layer's full head
+count (the backend's ``customize_spec`` hook is only consulted for sliding-window layers), gives
+a layer one spec only, and groups mixed specs by page size in ways that pad a per-layer head
+pattern into many groups. DUO needs: (1) each layer's retrieval head count in its full-attention
+spec, (2) a second spec for the streaming heads, (3) exactly two KV-cache groups (all retrieval
+specs, all streaming specs) so the pool is shared without padding, and (4) vLLM's scheduler to
+know the streaming spec's manager.
+How: (1) wrap ``Attention.get_kv_cache_spec``; (2) wrap ``Attention.__init__`` to register a
+companion cache layer (``duo_vllm.kv_cache.layers``); (3) wrap
+``kv_cache_utils.get_kv_cache_groups`` (only when DUO streaming specs are present); (4) register
+the spec and manager after vLLM's built-ins, also through the name the engine core imported.
+Every wrapper leaves non-DUO layers and models untouched.
+Remove when vLLM lets a backend report per-layer specs and groups itself.
+"""
+
+from __future__ import annotations
+
+_MARK = "_duo_vllm_wrapped"
+
+
+def register_duo_specs(vllm_config=None) -> None:
+    """Register the streaming spec with its manager, after vLLM's built-ins (idempotent).
+
+    Registering into an empty registry would stop vLLM from registering its own specs in this
+    process, hence ``_ensure_registered`` first.
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from duo_vllm.kv_cache.manager import DuoStreamingManager
+    from duo_vllm.kv_cache.spec import DuoStreamingSpec
+
+    KVCacheSpecRegistry._ensure_registered(vllm_config)
+    KVCacheSpecRegistry.register(DuoStreamingSpec, DuoStreamingManager,
+                                 uniform_type_base_spec=DuoStreamingSpec)
+
+
+def _is_duo(layer) -> bool:
+    from duo_vllm.backends.common import DuoImplMixin
+
+    return isinstance(getattr(layer, "impl", None), DuoImplMixin)
+
+
+def _wrap_attention() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    if getattr(Attention.__init__, _MARK, False):
+        return
+    original_init = Attention.__init__
+    original_spec = Attention.get_kv_cache_spec
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.duo_streaming_layer_name = None
+        if not _is_duo(self):
+            return
+        from duo_vllm.kv_cache.layers import COMPANION_SUFFIX, DuoStreamingCache
+
+        plan = self.impl.head_plan(self)
+        slots = self.impl.runtime.head_slots()
+        if slots.streaming[plan.layer_index] == 0:
+            return
+        if slots.retrieval[plan.layer_index] == 0:
+            self.duo_streaming_layer_name = self.layer_name
+            return
+        name = f"{self.layer_name}.{COMPANION_SUFFIX}"
+        # Kept as an attribute (not a submodule) so the model's module tree stays stock.
+        self.__dict__["duo_streaming_cache"] = DuoStreamingCache(
+            name, self.attn_backend, self.impl.runtime, plan.layer_index, self.num_heads,
+            self.head_size, self.head_size_v, self.kv_cache_torch_dtype)
+        self.duo_streaming_layer_name = name
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original_spec(self, vllm_config)
+        if spec is None or not _is_duo(self):
+            return spec
+        from duo_vllm.kv_cache.layers import layer_spec
+
+        register_duo_specs(vllm_config)
+        return layer_spec(spec, vllm_config, self.impl.runtime, self.impl.head_plan(self).layer_index)
+
+    setattr(__init__, _MARK, True)
+    Attention.__init__ = __init__
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+
+
+def _wrap_grouping() -> None:
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils.get_kv_cache_groups
+    if getattr(original, _MARK, False):
+        return
+
+    def get_kv_cache_groups(vllm_config, kv_cache_spec):
+        from duo_vllm.kv_cache.grouping import duo_kv_cache_groups
+
+        groups = duo_kv_cache_groups(vllm_config, kv_cache_spec)
+        return groups if groups is not None else original(vllm_config, kv_cache_spec)
+
+    setattr(get_kv_cache_groups, _MARK, True)
+    kv_cache_utils.get_kv_cache_groups = get_kv_cache_groups
+
+
+def _wrap_engine_registration() -> None:
+    from vllm.v1.engine import core
+
+    original = core.register_all_kvcache_specs
+    if getattr(original, _MARK, False):
+        return
+
+    def register_all_kvcache_specs(vllm_config):
+        original(vllm_config)
+        register_duo_specs(vllm_config)
+
+    setattr(register_all_kvcache_specs, _MARK, True)
+    core.register_all_kvcache_specs = register_all_kvcache_specs
+
+
+def apply() -> None:
+    _wrap_attention()
+    _wrap_grouping()
+    _wrap_engine_registration()
