@@ -83,6 +83,16 @@ class DuoBackendMixin:
         return attn_type == AttentionType.DECODER
 
 
+def kernel_query_heads(kv_cache_spec, vllm_config) -> int:
+    """Query heads the platform kernel sees for a layer group: a DUO layer's cache holds only its
+    retrieval KV heads, and the kernel runs only their query heads (kernels size scheduling
+    metadata and scratch space by this count)."""
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    group = model_config.get_num_attention_heads(parallel) // model_config.get_num_kv_heads(parallel)
+    return kv_cache_spec.num_kv_heads * group
+
+
 class DuoMetadataBuilderMixin:
     """Mixed in before a platform's metadata builder: adds host copies of the request layout.
 
@@ -157,7 +167,7 @@ class DuoImplMixin:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         """query [T, Hq, D]; kv_cache [blocks, heads in this cache, block_size, 2 * D];
-        output [T, Hq * D]."""
+        output [T, Hq, D] (or [T, Hq * D])."""
         plan = self.head_plan(layer)
         if attn_metadata is None or plan.all_retrieval:
             # Profiling / warm-up run (the platform decides what to return), or a layer whose
@@ -169,11 +179,12 @@ class DuoImplMixin:
         if plan.any_retrieval:
             q_heads = plan.retrieval_q_heads.to(query.device)
             r = plan.retrieval_kv_heads.numel()
-            partial = torch.empty(num_tokens, q_heads.numel() * self.head_size,
+            # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
+            partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
                                   dtype=output.dtype, device=output.device)
             super().forward(layer, query[:num_tokens, q_heads], key, value, kv_cache[:, :r],
                             attn_metadata, partial, output_scale, output_block_scale)
-            out_heads[:, q_heads] = partial.view(num_tokens, -1, self.head_size)
+            out_heads[:, q_heads] = partial
         cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
         self.streaming_forward(
             plan, query, out_heads, StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel()),

@@ -19,7 +19,12 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm.v1.attention.backend import KVCacheLayout
 
-from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, DuoMetadataBuilderMixin
+from duo_vllm.backends.common import (
+    DuoBackendMixin,
+    DuoImplMixin,
+    DuoMetadataBuilderMixin,
+    kernel_query_heads,
+)
 
 
 @dataclass
@@ -35,13 +40,7 @@ class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataB
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # The kernel's scheduler metadata is sized by query heads: a DUO layer's cache holds only
-        # its retrieval KV heads, and the kernel sees only their query heads.
-        model_config = vllm_config.model_config
-        parallel = vllm_config.parallel_config
-        group = (model_config.get_num_attention_heads(parallel)
-                 // model_config.get_num_kv_heads(parallel))
-        self.num_heads = kv_cache_spec.num_kv_heads * group
+        self.num_heads = kernel_query_heads(kv_cache_spec, vllm_config)
 
 
 class DuoAttentionImpl(DuoImplMixin, CPUAttentionBackendImpl):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -18,7 +18,12 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, DuoMetadataBuilderMixin
+from duo_vllm.backends.common import (
+    DuoBackendMixin,
+    DuoImplMixin,
+    DuoMetadataBuilderMixin,
+    kernel_query_heads,
+)
 
 
 @dataclass
@@ -35,6 +40,11 @@ class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, FlashAttentionMetadat
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         return AttentionCGSupport.NEVER
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # FA3's ahead-of-time schedule is per query-head count.
+        self.num_heads_q = kernel_query_heads(kv_cache_spec, vllm_config)
+
 
 class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
     pass
@@ -43,3 +53,9 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
 class DuoAttentionBackend(DuoBackendMixin, FlashAttentionBackend):
     impl_cls = DuoAttentionImpl
     builder_cls = DuoAttentionMetadataBuilder
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Block-outermost: both KV-cache groups' pages of every layer share one block
+        # (duo_vllm.kv_cache.grouping); FlashAttention reads the cache through its strides.
+        return (KVCacheLayout.BLNHC, KVCacheLayout.BLHNC)

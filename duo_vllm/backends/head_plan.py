@@ -52,7 +52,7 @@ def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int
         )
     group = num_q_heads // num_kv_heads
     def query_heads(kv_heads: torch.Tensor) -> torch.Tensor:
-        return (kv_heads[:, None] * group + torch.arange(group)[None, :]).flatten()
+        return (kv_heads[:, None] * group + torch.arange(group, device="cpu")[None, :]).flatten()
 
     streaming_kv = torch.nonzero(~retrieval).flatten()
     retrieval_kv = torch.nonzero(retrieval).flatten()

@@ -36,3 +36,37 @@ def duo_kv_cache_groups(vllm_config, kv_cache_spec: dict) -> list[KVCacheGroupSp
                 f"{kinds}; models mixing attention types are not supported with DUO.")
         groups.append(KVCacheGroupSpec(list(specs), uniform))
     return groups
+
+
+def check_one_request_fits(vllm_config, kv_cache_config) -> None:
+    """Refuse a pool too small for one ``max_model_len`` request at its peak.
+
+    vLLM's own check counts each group's between-steps footprint; a streaming group also holds
+    the blocks of the chunk it is computing (written before they are attended, freed right
+    after), so one request at its largest needs its retrieval blocks plus sink, window and one
+    chunk of ``max_num_batched_tokens`` of streaming blocks. Without this check such a request
+    would wait forever instead of failing at start-up.
+    """
+    streaming = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups
+                 if isinstance(_first_spec(g.kv_cache_spec), DuoStreamingSpec)]
+    if not streaming:
+        return
+    max_len = vllm_config.model_config.max_model_len
+    chunk = vllm_config.max_in_flight_tokens
+    needed = 0
+    for group in kv_cache_config.kv_cache_groups:
+        spec = _first_spec(group.kv_cache_spec)
+        if isinstance(spec, DuoStreamingSpec):
+            needed += min(spec.max_blocks_in_step(), -(-max_len // spec.block_size))
+        else:
+            needed += -(-max_len // spec.block_size)
+    if kv_cache_config.num_blocks < needed:
+        raise ValueError(
+            f"The KV cache has {kv_cache_config.num_blocks} blocks but DUO needs {needed} to serve "
+            f"one request of max_model_len={max_len} tokens (retrieval blocks plus the streaming "
+            f"heads' sink, window and one prefill chunk of max_num_batched_tokens={chunk}). "
+            "Give the KV cache more memory, or lower --max-model-len or --max-num-batched-tokens.")
+
+
+def _first_spec(spec):
+    return spec.first_spec if isinstance(spec, UniformTypeKVCacheSpecs) else spec

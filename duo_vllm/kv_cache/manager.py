@@ -34,6 +34,10 @@ class DuoStreamingManager(FullAttentionManager):
     supports_fine_grained_hash_lookup: ClassVar[bool] = False
 
     def __init__(self, kv_cache_spec: DuoStreamingSpec, **kwargs) -> None:
+        # vLLM admits a new request only if its whole prompt's blocks fit, capped for specs that
+        # recycle blocks (sliding window, chunked local) at what one request can hold at once;
+        # without the cap a long prompt would wait forever for streaming blocks it never holds.
+        kwargs["max_admission_blocks_per_request"] = kv_cache_spec.max_blocks_in_step()
         super().__init__(kv_cache_spec, **kwargs)
         self.sink = kv_cache_spec.sink
         self.recent = kv_cache_spec.recent

@@ -44,7 +44,8 @@ class KVReport:
         )
 
 
-def kv_report(vllm_config, context_len: int | None = None, runtime=None) -> KVReport:
+def kv_report(vllm_config, context_len: int | None = None, runtime=None,
+              block_size: int | None = None) -> KVReport:
     from duo_vllm.runtime import runtime_from_vllm_config
 
     runtime = runtime or runtime_from_vllm_config(vllm_config)
@@ -53,7 +54,7 @@ def kv_report(vllm_config, context_len: int | None = None, runtime=None) -> KVRe
     slots = runtime.head_slots()
     head_bytes = _bytes_per_head_token(vllm_config)
     num_layers = len(slots.retrieval)
-    block_size = vllm_config.cache_config.block_size
+    block_size = block_size or vllm_config.cache_config.block_size
     retrieval_heads, streaming_heads = int(slots.retrieval.sum()), int(slots.streaming.sum())
     s_block = streaming_block_size(block_size, retrieval_heads, streaming_heads, sink=runtime.sink,
                                    recent=runtime.recent, max_model_len=model_config.max_model_len)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     duo_vllm.register()
     engine_args = EngineArgs(
-        model=args.model, attention_backend="DUO", dtype=args.dtype,
+        model=args.model, attention_backend="DUO", dtype=args.dtype, skip_tokenizer_init=True,
         max_model_len=args.max_model_len, block_size=args.block_size,
         tensor_parallel_size=args.tensor_parallel_size,
         additional_config={"duo": json.loads(args.duo)})

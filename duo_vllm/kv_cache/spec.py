@@ -21,9 +21,16 @@ class DuoStreamingSpec(AttentionSpec):
 
     sink: int
     recent: int
+    # Most tokens one request computes in a step (vLLM's max_in_flight_tokens): their streaming
+    # K/V are written to blocks before they are attended, and freed right after.
+    step_tokens: int = 0
 
     def sink_blocks(self) -> int:
         return cdiv(self.sink, self.block_size)
+
+    def max_blocks_in_step(self) -> int:
+        """Blocks one request can hold during a step: sink, window and the tokens in flight."""
+        return self.sink_blocks() + cdiv(self.recent - 1 + self.step_tokens, self.block_size) + 1
 
     def max_blocks_per_request(self, max_model_len: int) -> int:
         """Blocks one request holds between steps: sink blocks, the window, one block of slack.
@@ -47,7 +54,7 @@ class DuoStreamingSpec(AttentionSpec):
 
 
 def streaming_block_size(retrieval_block_size: int, retrieval_heads: int, streaming_heads: int, *,
-                         sink: int, recent: int, max_model_len: int, min_block_size: int = 8) -> int:
+                         sink: int, recent: int, max_model_len: int, min_block_size: int = 1) -> int:
     """Block size of the streaming group that fits the most requests of ``max_model_len``.
 
     Both groups draw block ids from one pool, and a block costs the larger of the two groups'

@@ -5,12 +5,14 @@ count (the backend's ``customize_spec`` hook is only consulted for sliding-windo
 a layer one spec only, and groups mixed specs by page size in ways that pad a per-layer head
 pattern into many groups. DUO needs: (1) each layer's retrieval head count in its full-attention
 spec, (2) a second spec for the streaming heads, (3) exactly two KV-cache groups (all retrieval
-specs, all streaming specs) so the pool is shared without padding, and (4) vLLM's scheduler to
-know the streaming spec's manager.
+specs, all streaming specs) so the pool is shared without padding, (4) vLLM's scheduler to
+know the streaming spec's manager, and (5) a start-up check that one request fits at its peak.
 How: (1) wrap ``Attention.get_kv_cache_spec``; (2) wrap ``Attention.__init__`` to register a
 companion cache layer (``duo_vllm.kv_cache.layers``); (3) wrap
 ``kv_cache_utils.get_kv_cache_groups`` (only when DUO streaming specs are present); (4) register
-the spec and manager after vLLM's built-ins, also through the name the engine core imported.
+the spec and manager after vLLM's built-ins, also through the name the engine core imported;
+(5) wrap ``get_kv_cache_configs`` (module and engine-core names) to refuse a pool too small for
+one request at its peak (``kv_cache.grouping.check_one_request_fits``).
 Every wrapper leaves non-DUO layers and models untouched.
 Remove when vLLM lets a backend report per-layer specs and groups itself.
 """
@@ -102,6 +104,28 @@ def _wrap_grouping() -> None:
     kv_cache_utils.get_kv_cache_groups = get_kv_cache_groups
 
 
+def _wrap_config_check() -> None:
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine import core
+
+    original = kv_cache_utils.get_kv_cache_configs
+    if getattr(original, _MARK, False):
+        return
+
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        from duo_vllm.kv_cache.grouping import check_one_request_fits
+
+        configs = original(vllm_config, kv_cache_specs, available_memory)
+        for config in configs:
+            check_one_request_fits(vllm_config, config)
+        return configs
+
+    setattr(get_kv_cache_configs, _MARK, True)
+    kv_cache_utils.get_kv_cache_configs = get_kv_cache_configs
+    # The engine core imported the function by name.
+    core.get_kv_cache_configs = get_kv_cache_configs
+
+
 def _wrap_engine_registration() -> None:
     from vllm.v1.engine import core
 
@@ -120,4 +144,5 @@ def _wrap_engine_registration() -> None:
 def apply() -> None:
     _wrap_attention()
     _wrap_grouping()
+    _wrap_config_check()
     _wrap_engine_registration()

@@ -44,15 +44,14 @@ def prompts(smollm2_tokenizer):
     return [haystack_tokens(smollm2_tokenizer, n - len(question), offset=7 * n) + question for n in LENGTHS]
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2, pattern, prompts):
+def reference_run(smollm2, pattern, prompts, sparsity, *, full_control=True):
     """Log-probs of every prompt token and greedy continuations from HF + the DUO reference."""
     from transformers import AutoModelForCausalLM
 
     from duo_vllm.reference import use_duo_reference
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    mask = load_pattern(pattern).binarize(sparsity=SPARSITY)
+    mask = load_pattern(pattern).binarize(sparsity=sparsity)
     use_duo_reference(model, mask, sink=SINK, recent=RECENT)
     logprobs, continuations = [], []
     with torch.no_grad():
@@ -68,13 +67,30 @@ def reference(smollm2, pattern, prompts):
                 step = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 past, token = step.past_key_values, int(step.logits[0, -1].argmax())
             continuations.append(tokens)
-    # Full attention control: the pattern must matter at these lengths, or the test proves nothing.
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        x = torch.tensor([prompts[-1]])
-        lp = torch.log_softmax(model(x).logits[0].float(), -1)
-        full = lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).numpy()
-    return {"logprobs": logprobs, "greedy": continuations, "full_last": full}
+    result = {"logprobs": logprobs, "greedy": continuations}
+    if full_control:
+        # Full attention control: the pattern must matter at these lengths, or the test proves nothing.
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            x = torch.tensor([prompts[-1]])
+            lp = torch.log_softmax(model(x).logits[0].float(), -1)
+            result["full_last"] = lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).numpy()
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2, pattern, prompts):
+    return reference_run(smollm2, pattern, prompts, SPARSITY)
+
+
+def duo_prompt_logprobs(llm, prompts):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [np.array([lp[tok].logprob for lp, tok in zip(o.prompt_logprobs[1:], p[1:])])
+            for o, p in zip(outs, prompts)]
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +100,7 @@ def one_shot(smollm2, duo_options, prompts):
 
     with offline_llm(smollm2, attention_backend="DUO", additional_config=duo_options,
                      max_num_batched_tokens=8192, **ENGINE) as llm:
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        logprobs = [np.array([lp[tok].logprob for lp, tok in zip(o.prompt_logprobs[1:], p[1:])])
-                    for o, p in zip(outs, prompts)]
+        logprobs = duo_prompt_logprobs(llm, prompts)
         first = greedy_tokens(llm, prompts, NEW_TOKENS)
         # Same prompts again: now served from the prefix cache.
         again = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
@@ -142,3 +155,27 @@ def test_prefix_cache_hits_give_same_tokens(one_shot, chunked, prompts):
 
 def test_chunked_prefill_gives_same_tokens(one_shot, chunked):
     assert chunked["greedy"][:-1] == one_shot["greedy"]
+
+
+def test_quarter_retrieval_with_small_streaming_blocks(smollm2, pattern, prompts):
+    """25% retrieval: the streaming group gets smaller blocks than the retrieval group (32 vs 128
+    tokens), so chunk boundaries, gap freeing and prefix hits run on two block sizes. Prompt
+    log-probs match the reference; chunked prefill and a prefix-cache hit give the same tokens."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sparsity, prompt = 0.75, prompts[1]
+    options = {"duo": {"pattern": pattern, "sparsity": sparsity, "sink": SINK, "recent": RECENT}}
+    want = reference_run(smollm2, pattern, [prompt], sparsity, full_control=False)
+    with offline_llm(smollm2, attention_backend="DUO", additional_config=options,
+                     max_num_batched_tokens=512, **ENGINE) as llm:
+        got = duo_prompt_logprobs(llm, [prompt])[0]
+        first = greedy_tokens(llm, [prompt], NEW_TOKENS)[0]
+        again = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                             SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                             use_tqdm=False)[0]
+    err = np.abs(got - want["logprobs"][0])
+    assert err.max() < LOGPROB_ATOL, f"max log-prob error {err.max():.3e} at {int(err.argmax()) + 1}"
+    assert first == want["greedy"][0]
+    assert again.num_cached_tokens >= len(prompt) - 256
+    assert list(again.outputs[0].token_ids) == first

@@ -127,3 +127,17 @@ def test_prefix_hit_needs_only_sink_and_window_blocks(evict_gap):
     assert length <= (n_blocks - 2) * block_size
     f2, l2 = gap_blocks(sink, recent, block_size, length)
     assert all(not hit[0][i].is_null for i in range(len(hit[0])) if not f2 <= i < l2)
+
+
+def test_admission_counts_what_a_request_holds_at_once():
+    """vLLM admits a new request only if its blocks fit; for the streaming group that is the sink,
+    window and one step of tokens, not the whole prompt (a long prompt would wait forever)."""
+    spec = DuoStreamingSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32,
+                            sink=16, recent=64, step_tokens=256)
+    pool = BlockPool(NUM_BLOCKS, enable_caching=False, hash_block_size=16)
+    manager = DuoStreamingManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                                  scheduler_block_size=16)
+    whole = 16 * 300  # a prompt far longer than the pool
+    admitted = manager.get_num_blocks_to_allocate("r", whole, [], 0, 0, whole, apply_admission_cap=True)
+    assert admitted == spec.max_blocks_in_step() == 1 + cdiv(63 + 256, 16) + 1
+    assert manager.get_num_blocks_to_allocate("r", 256, [], 0, 0, 256) == 16

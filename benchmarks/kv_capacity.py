@@ -1,0 +1,156 @@
+"""KV capacity of DUO against stock vLLM on one GPU, same memory budget, same run.
+
+For each shape (random weights of a real architecture, ``load_format="dummy"``): start stock
+FLASH_ATTN, read vLLM's "KV cache size: N tokens", shut it down; start DUO with a published
+DuoAttention pattern, read the same figure and DUO's own report, generate a few tokens from a
+long prompt (the new layout runs end to end), shut it down. Writes JSON and prints a table last;
+``--plot JSON`` draws the PNG where matplotlib is installed (the GPU machine has none).
+
+    python benchmarks/kv_capacity.py --patterns /path/to/duo-attention-patterns --out $OUT
+    python benchmarks/kv_capacity.py --plot benchmarks/results/kv_capacity.json
+
+Shapes: Llama-3-8B (GQA, 8 KV heads) with the Llama-3-8B-Instruct-Gradient-1048k pattern at 50%
+retrieval; Llama-2-7B (MHA) with the Llama-2-7B-32K-Instruct pattern at 25% retrieval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 262144, "torch_dtype": "bfloat16",
+    "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False,
+}
+LLAMA2_7B = {
+    **LLAMA3_8B, "intermediate_size": 11008, "num_key_value_heads": 32, "vocab_size": 32000,
+    "rope_theta": 10000.0, "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
+}
+SHAPES = {
+    "llama3-8b-gqa-50": (LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5, 131072),
+    "llama2-7b-mha-25": (LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75, 32768),
+}
+
+
+def model_dir(config: dict) -> str:
+    folder = Path(tempfile.mkdtemp(prefix="duo-shape-"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=max_model_len, gpu_memory_utilization=gpu_util, enforce_eager=True,
+                  seed=0)
+    if duo is not None:
+        kwargs.update(attention_backend="DUO", additional_config={"duo": duo})
+    start = time.time()
+    llm = LLM(**kwargs)
+    result = {"start_s": round(time.time() - start, 1),
+              "kv_tokens": llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens}
+    prompt = TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(8192)])
+    t = time.time()
+    out = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False),
+                       use_tqdm=False)[0]
+    result["generated_tokens"] = len(out.outputs[0].token_ids)
+    result["generate_8k_s"] = round(time.time() - t, 2)
+    if duo is not None:
+        result["report"] = duo_report(kwargs)
+    llm.llm_engine.engine_core.shutdown(timeout=60)
+    del llm
+    return result
+
+
+def plot(json_path: str) -> Path:
+    """PNG bar chart next to the JSON (run where matplotlib is installed: pip install .[bench])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(json_path).read_text())
+    names = list(results["shapes"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    xs = list(range(len(names)))
+    for offset, key, label in ((-0.2, "stock", "stock FLASH_ATTN"), (0.2, "duo", "DUO")):
+        values = [results["shapes"][n][key]["kv_tokens"] for n in names]
+        bars = ax.bar([x + offset for x in xs], values, 0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v / 1000:.0f}K" for v in values], fontsize=8)
+    ax.set_xticks(xs, [f"{n}\n{results['shapes'][n]['ratio']:.2f}x" for n in names])
+    ax.set_ylabel("vLLM KV cache size (tokens)")
+    ax.set_title(f"KV capacity at the same memory budget, {results['device']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    return png
+
+
+def duo_report(engine_kwargs: dict) -> dict:
+    """DUO's own KV report for these engine arguments (planned from the config, no engine).
+
+    Built from a fresh config: after start-up vLLM rewrites the running engine's block size to
+    the smallest KV-cache group's.
+    """
+    from dataclasses import asdict
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from duo_vllm.kv_cache.report import kv_report
+
+    config = EngineArgs(**engine_kwargs).create_engine_config()
+    return asdict(kv_report(config, context_len=config.model_config.max_model_len))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
+    parser.add_argument("--patterns", help="folder with the published DuoAttention patterns")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
+    if not args.patterns:
+        parser.error("--patterns is required (the published DuoAttention pattern folders)")
+    import torch
+
+    results = {"device": torch.cuda.get_device_name(0), "gpu_memory_utilization": args.gpu_memory_utilization,
+               "command": "python benchmarks/kv_capacity.py --patterns PATTERNS --out OUT", "shapes": {}}
+    for name in args.shapes.split(","):
+        config, pattern, sparsity, max_len = SHAPES[name]
+        model = model_dir(config)
+        duo = {"pattern": str(Path(args.patterns) / pattern), "sparsity": sparsity}
+        stock = measure(model, max_len, args.gpu_memory_utilization, None)
+        duo_r = measure(model, max_len, args.gpu_memory_utilization, duo)
+        results["shapes"][name] = {"max_model_len": max_len, "sparsity": sparsity, "stock": stock,
+                                   "duo": duo_r, "ratio": duo_r["kv_tokens"] / stock["kv_tokens"]}
+        print(name, json.dumps(results["shapes"][name]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_capacity.json").write_text(json.dumps(results, indent=2))
+    print(f"{'shape':<20} {'stock tokens':>14} {'DUO tokens':>12} {'ratio':>7} {'bound':>7}")
+    for name, r in results["shapes"].items():
+        print(f"{name:<20} {r['stock']['kv_tokens']:>14,} {r['duo']['kv_tokens']:>12,} "
+              f"{r['ratio']:>7.2f} {r['duo']['report']['theoretical_ratio']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
+    os._exit(0)  # an LLM can hang at interpreter exit on the GPU machine
