@@ -44,3 +44,10 @@ class StreamingKV:
         blocks = block_row[positions // self.block_size].long()
         kv = self.cache[blocks, : self.num_heads, positions % self.block_size]
         return kv[..., : self.head_size], kv[..., self.head_size:]
+
+    def gather_batched(self, block_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [R, K, heads, D] at ``positions`` [R, K] of the requests whose block-table rows
+        are ``block_table`` [R, blocks per request]."""
+        blocks = torch.gather(block_table, 1, positions // self.block_size).long()
+        kv = self.cache[blocks, : self.num_heads, positions % self.block_size]  # [R, K, heads, 2D]
+        return kv[..., : self.head_size], kv[..., self.head_size:]

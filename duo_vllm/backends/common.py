@@ -21,7 +21,12 @@ from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata, Mu
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
-from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
+from duo_vllm.ops.lambda_attention import (
+    lambda_attention,
+    lambda_decode_attention,
+    lambda_decode_positions,
+    lambda_key_positions,
+)
 from duo_vllm.runtime import runtime_from_vllm_config
 from duo_vllm.streaming_store import StreamingKV
 
@@ -97,7 +102,7 @@ class DuoMetadataBuilderMixin:
     """Mixed in before a platform's metadata builder: adds host copies of the request layout.
 
     ``metadata_cls`` subclasses the platform's metadata with ``query_start_host`` and
-    ``seq_lens_host`` (lists) fields.
+    ``seq_lens_host`` (lists) and ``duo_decode_*`` (tensors) fields.
     """
 
     metadata_cls: ClassVar[type]
@@ -106,10 +111,20 @@ class DuoMetadataBuilderMixin:
               fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         num_reqs = common_attn_metadata.num_reqs
+        query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
+        # Requests with one query this step (decode) get the batched streaming pass; their
+        # indices are built once here for every layer of the group.
+        decode = [r for r in range(num_reqs) if query_start[r + 1] - query_start[r] == 1]
+        device = common_attn_metadata.seq_lens.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         return self.metadata_cls(
             **{f.name: getattr(base, f.name) for f in fields(base)},
-            query_start_host=common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            seq_lens_host=common_attn_metadata.seq_lens[:num_reqs].cpu().tolist(),
+            query_start_host=query_start,
+            seq_lens_host=seq_lens,
+            duo_decode_reqs=as_tensor(decode),
+            duo_decode_tokens=as_tensor([query_start[r] for r in decode]),
+            duo_decode_seq_lens=as_tensor([seq_lens[r] for r in decode]),
         )
 
 
@@ -161,6 +176,8 @@ class DuoImplMixin:
             r = heads.numel()
             super().do_kv_cache_update(layer, key[:, heads], value[:, heads], kv_cache[:, :r], slot_mapping)
         cache, _, streaming_slots = self.streaming_context(layer, kv_cache, None, slot_mapping)
+        if streaming_slots is None:  # a dummy run without KV-cache metadata: nothing to store
+            return
         heads = plan.streaming_kv_heads.to(key.device)
         StreamingKV(cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads], streaming_slots)
 
@@ -186,23 +203,35 @@ class DuoImplMixin:
                             attn_metadata, partial, output_scale, output_block_scale)
             out_heads[:, q_heads] = partial
         cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
-        self.streaming_forward(
-            plan, query, out_heads, StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel()),
-            query_start=metadata.query_start_host, seq_lens=metadata.seq_lens_host,
-            block_table=metadata.block_table)
+        self.streaming_forward(plan, query, out_heads,
+                               StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel()), metadata)
         return output
 
     def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
-                          store: StreamingKV, *, query_start: list[int], seq_lens: list[int],
-                          block_table: torch.Tensor) -> None:
-        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D]."""
+                          store: StreamingKV, metadata) -> None:
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D].
+
+        Decode requests (one query) go through one batched gather and attention; the others
+        (prefill chunks) per request and per chunk of at most ``QUERY_CHUNK`` queries.
+        """
         device = query.device
         num_tokens = out_heads.shape[0]
         q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         q_heads = plan.streaming_q_heads.to(device)
         sink, recent = self.runtime.sink, self.runtime.recent
+        block_table = metadata.block_table
+        if metadata.duo_decode_reqs.numel():
+            rows = metadata.duo_decode_tokens
+            positions, valid = lambda_decode_positions(metadata.duo_decode_seq_lens, sink=sink, recent=recent)
+            keys, values = store.gather_batched(block_table[metadata.duo_decode_reqs], positions)
+            out_heads[rows[:, None], q_heads[None, :]] = lambda_decode_attention(
+                q_all[rows][:, q_heads], keys, values, valid, scale=self.scale).to(out_heads.dtype)
+        query_start, seq_lens = metadata.query_start_host, metadata.seq_lens_host
         for r, seq_len in enumerate(seq_lens):
-            context = seq_len - (query_start[r + 1] - query_start[r])
+            q_len = query_start[r + 1] - query_start[r]
+            if q_len <= 1:
+                continue  # decode: done above (or no query this step)
+            context = seq_len - q_len
             block_row = block_table[r]
             for begin in range(context, seq_len, QUERY_CHUNK):
                 end = min(begin + QUERY_CHUNK, seq_len)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from vllm.v1.attention.backend import KVCacheLayout
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -16,8 +17,6 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-
-from vllm.v1.attention.backend import KVCacheLayout
 
 from duo_vllm.backends.common import (
     DuoBackendMixin,
@@ -33,6 +32,9 @@ class DuoAttentionMetadata(CPUAttentionMetadata):
 
     query_start_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
+    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
+    duo_decode_seq_lens: torch.Tensor | None = None
 
 
 class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataBuilder):

@@ -72,6 +72,11 @@ class DuoStreamingManager(FullAttentionManager):
                 cache[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids) or None
             return cache[i]
 
+        # Every hit longer than the sink needs all sink blocks: a missing one caps the hit there.
+        for i in range(min(kv_cache_spec.sink_blocks(), max_blocks)):
+            if cached(i) is None:
+                max_blocks = i
+                break
         for n in range(max_blocks, 0, -1):
             if (n * block_size) % alignment_tokens:
                 continue

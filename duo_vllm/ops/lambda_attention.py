@@ -69,3 +69,40 @@ def lambda_attention(
     scores.masked_fill_(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
+
+
+def lambda_decode_positions(seq_lens: torch.Tensor, *, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions of one decode query per request, batched.
+
+    For a request of ``L`` tokens the query sits at ``L - 1`` and sees ``[0, min(sink, L))`` and
+    ``[max(sink, L - recent), L)``. Returns positions [R, sink + recent] and a validity mask of
+    the same shape; invalid (padding) entries hold position 0, which every request has, so they
+    can index storage safely.
+    """
+    slots = torch.arange(sink + recent, device=seq_lens.device)
+    lens = seq_lens.to(torch.long)[:, None]
+    is_sink = slots[None, :] < sink
+    window = lens - recent + (slots[None, :] - sink)
+    positions = torch.where(is_sink, slots[None, :].expand_as(window), window)
+    valid = torch.where(is_sink, positions < lens, (positions >= sink) & (positions >= 0))
+    return positions.masked_fill(~valid, 0), valid
+
+
+def lambda_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            valid: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """One query per request over its gathered keys, in fp32 (the batched form of
+    :func:`lambda_attention` for decode steps).
+
+    query [R, Hq, D]; key, value [R, K, Hk, D]; valid [R, K] (False: padding, never attended).
+    Returns [R, Hq, D] in ``query.dtype``.
+    """
+    num_reqs, num_q_heads, head_size = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_q_heads // num_kv_heads
+    q = query.float().view(num_reqs, num_kv_heads, group, head_size)
+    k = key.float().transpose(1, 2)  # [R, Hk, K, D]
+    v = value.float().transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [R, Hk, g, K]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v).reshape(num_reqs, num_q_heads, head_size).to(query.dtype)

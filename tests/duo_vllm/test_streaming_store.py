@@ -204,3 +204,19 @@ def test_round_trip_property(block_size, lengths, pad_every, seed, data):
         k, v = store.gather(rows_tbl[r], positions)
         check_equal(k, keys[r][positions], f"request {r} keys at {positions.tolist()}")
         check_equal(v, values[r][positions], f"request {r} values at {positions.tolist()}")
+
+
+def test_batched_gather_equals_per_request_gather():
+    gen = torch.Generator().manual_seed(11)
+    block_size, heads, head_size, num_blocks = 4, 2, 8, 12
+    store = make_store(num_blocks, block_size, heads, head_size, torch.float32)
+    rows_tbl = [torch.tensor([5, 2, 9], dtype=torch.int32), torch.tensor([0, 11, 3], dtype=torch.int32)]
+    for row in rows_tbl:
+        key, value = rows(12, heads, head_size, torch.float32, gen)
+        store.write(key, value, slots_for(row, torch.arange(12), block_size))
+    positions = torch.tensor([[0, 1, 7, 11], [3, 3, 10, 4]])
+    k, v = store.gather_batched(torch.stack(rows_tbl), positions)
+    for r, row in enumerate(rows_tbl):
+        k_ref, v_ref = store.gather(row, positions[r])
+        check_equal(k[r], k_ref, f"request {r} keys")
+        check_equal(v[r], v_ref, f"request {r} values")

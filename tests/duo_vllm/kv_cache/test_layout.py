@@ -141,3 +141,16 @@ def test_report_figures_by_hand():
     assert report.theoretical_ratio == pytest.approx(4 * 1024 / (2 * 1024 + 2 * 64))
     assert report.planned_ratio == pytest.approx(4 * 1024 / ((64 + 5) * 2 * 16))
     assert "capacity vs stock" in report.line()
+
+
+def test_report_command_on_the_real_model(smollm2, capsys):
+    """``python -m duo_vllm.kv_cache.report`` plans from the config alone (no engine starts)."""
+    import re
+
+    from duo_vllm.kv_cache.report import main
+
+    main([smollm2, "--max-model-len", "8192", "--duo", '{"sparsity": 0.5}'])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("DUO KV cache:"))
+    ratio, bound = map(float, re.search(r"at 8,192 tokens: ([\d.]+)x \(pattern's bound ([\d.]+)x\)", line).groups())
+    assert 0.95 * bound <= ratio <= bound < 2.0
+    assert "retrieval heads 11,520 B/token (stock 23,040 B/token)" in line  # SmolLM2, bf16, 45 of 90 heads

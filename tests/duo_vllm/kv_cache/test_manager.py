@@ -141,3 +141,35 @@ def test_admission_counts_what_a_request_holds_at_once():
     admitted = manager.get_num_blocks_to_allocate("r", whole, [], 0, 0, whole, apply_admission_cap=True)
     assert admitted == spec.max_blocks_in_step() == 1 + cdiv(63 + 256, 16) + 1
     assert manager.get_num_blocks_to_allocate("r", 256, [], 0, 0, 256) == 16
+
+
+@settings(max_examples=150, deadline=None)
+@given(sink=st.integers(1, 70), recent=st.integers(1, 120), n_blocks=st.integers(1, 30),
+       cached=st.data(), align=st.sampled_from([1, 2, 4]))
+def test_cache_hit_is_the_longest_readable_prefix(sink, recent, n_blocks, cached, align):
+    """Against brute force: the hit is the longest aligned prefix whose sink and window blocks
+    (what the next query reads) are all cached; gap entries are null blocks."""
+    block_size = 16
+    spec, pool, manager = make_manager(block_size, sink, recent, caching=True)
+    hashes = _hashes(n_blocks, seed=3)
+    manager.allocate_new_blocks("a", n_blocks * block_size, n_blocks * block_size)
+    blocks = list(manager.req_to_blocks["a"])
+    present = cached.draw(st.lists(st.booleans(), min_size=n_blocks, max_size=n_blocks))
+    for i, block in enumerate(blocks):
+        if present[i]:
+            key = make_block_hash_with_group_id(hashes[i], 0)
+            block.set_block_hash(key, block_size)
+            pool.cached_block_hash_to_block.insert(key, block)
+    manager.free("a")
+
+    def readable(n):
+        first, last = gap_blocks(sink, recent, block_size, n * block_size)
+        return all(present[i] for i in [*range(min(first, n)), *range(max(first, last), n)])
+
+    expected = max((n for n in range(n_blocks + 1) if n % align == 0 and (n == 0 or readable(n))), default=0)
+    hit, length = DuoStreamingManager.find_longest_cache_hit(
+        hashes, n_blocks * block_size, [0], pool, spec, False, align * block_size)
+    assert length == expected * block_size
+    first, last = gap_blocks(sink, recent, block_size, length)
+    for i, block in enumerate(hit[0]):
+        assert block.is_null == (first <= i < last)

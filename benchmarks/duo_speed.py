@@ -1,0 +1,98 @@
+"""Time to first token and decode speed of DUO against stock FLASH_ATTN, same run, same GPU.
+
+Llama-3-8B shape (dummy weights) with the published Llama-3-8B-Instruct-Gradient-1048k pattern
+at 50% retrieval; batch 1, greedy, prefix caching off. Stock runs with vLLM's defaults (torch
+compile + CUDA graphs); DUO runs eagerly (its streaming pass has no CUDA-graph support yet, see
+docs/backend.md), so this measures where the current correctness path stands, not the target.
+Floors (H100 SXM, 3.35 TB/s): decode = (weights + KV read per token) / bandwidth.
+
+    python benchmarks/duo_speed.py --patterns /path/to/duo-attention-patterns --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kv_capacity import LLAMA3_8B, model_dir  # noqa: E402
+
+BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+WEIGHTS = 16.06e9  # Llama-3-8B bf16 bytes
+KV_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (K, V) x bf16
+
+
+def run(model: str, lengths: list[int], duo: dict | None, decode_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=max(lengths) + decode_tokens + 16, gpu_memory_utilization=0.9,
+                  enable_prefix_caching=False, seed=0)
+    if duo is not None:
+        kwargs.update(attention_backend="DUO", additional_config={"duo": duo}, enforce_eager=True)
+    start = time.time()
+    llm = LLM(**kwargs)
+    result = {"start_s": round(time.time() - start, 1), "lengths": {}}
+    for n in lengths:
+        prompt = TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(n)])
+
+        def timed(max_tokens: int) -> float:
+            t = time.perf_counter()
+            llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                                  detokenize=False), use_tqdm=False)
+            return time.perf_counter() - t
+
+        timed(1)  # warm-up at this length
+        ttft = timed(1)
+        total = timed(decode_tokens + 1)
+        decode_ms = (total - ttft) / decode_tokens * 1000
+        result["lengths"][str(n)] = {"ttft_s": round(ttft, 3), "decode_ms_per_token": round(decode_ms, 2)}
+        print(("DUO" if duo else "stock"), n, result["lengths"][str(n)], flush=True)
+    llm.llm_engine.engine_core.shutdown(timeout=60)
+    del llm
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--patterns", required=True)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    args = parser.parse_args()
+    import torch
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    model = model_dir(LLAMA3_8B)
+    duo = {"pattern": str(Path(args.patterns) / "Llama-3-8B-Instruct-Gradient-1048k"), "sparsity": 0.5}
+    results = {"device": torch.cuda.get_device_name(0),
+               "command": "python benchmarks/duo_speed.py --patterns PATTERNS --out OUT",
+               "stock": run(model, lengths, None, args.decode_tokens),
+               "duo": run(model, lengths, duo, args.decode_tokens), "floors": {}}
+    for n in lengths:
+        results["floors"][str(n)] = {
+            "stock_decode_ms": round((WEIGHTS + KV_PER_TOKEN * n) / BANDWIDTH * 1000, 2),
+            "duo_decode_ms": round((WEIGHTS + KV_PER_TOKEN * (n / 2 + 320 / 2)) / BANDWIDTH * 1000, 2),
+        }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "duo_speed.json").write_text(json.dumps(results, indent=2))
+    print(f"{'length':>8} {'stock TTFT':>11} {'DUO TTFT':>9} {'stock dec':>10} {'DUO dec':>8} {'floors':>14}")
+    for n in lengths:
+        s, d, f = results["stock"]["lengths"][str(n)], results["duo"]["lengths"][str(n)], results["floors"][str(n)]
+        print(f"{n:>8} {s['ttft_s']:>10.2f}s {d['ttft_s']:>8.2f}s {s['decode_ms_per_token']:>8.2f}ms "
+              f"{d['decode_ms_per_token']:>6.2f}ms {f['stock_decode_ms']:>6.2f}/{f['duo_decode_ms']:.2f}ms")
+
+
+if __name__ == "__main__":
+    main()
+    os._exit(0)  # an LLM can hang at interpreter exit on the GPU machine
