@@ -7,6 +7,7 @@ docs/backend.md), so this measures where the current correctness path stands, no
 Floors (H100 SXM, 3.35 TB/s): decode = (weights + KV read per token) / bandwidth.
 
     python benchmarks/duo_speed.py --patterns /path/to/duo-attention-patterns --out $OUT
+    python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally
 """
 
 from __future__ import annotations
@@ -62,13 +63,48 @@ def run(model: str, lengths: list[int], duo: dict | None, decode_tokens: int) ->
     return result
 
 
+def plot(json_path: str) -> Path:
+    """PNG of TTFT and decode time per length, with the decode floors (needs .[bench])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(json_path).read_text())
+    lengths = list(results["stock"]["lengths"])
+    xs = list(range(len(lengths)))
+    fig, (ax_ttft, ax_dec) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for offset, key, label in ((-0.2, "stock", "stock FLASH_ATTN (graphs)"), (0.2, "duo", "DUO (eager)")):
+        runs = results[key]["lengths"]
+        ax_ttft.bar([x + offset for x in xs], [runs[n]["ttft_s"] for n in lengths], 0.4, label=label)
+        ax_dec.bar([x + offset for x in xs], [runs[n]["decode_ms_per_token"] for n in lengths], 0.4, label=label)
+    for key, style in (("stock_decode_ms", "k--"), ("duo_decode_ms", "k:")):
+        ax_dec.plot(xs, [results["floors"][n][key] for n in lengths], style,
+                    label=f"floor, {key.split('_')[0]}")
+    for ax, title in ((ax_ttft, "time to first token (s)"), (ax_dec, "decode (ms/token)")):
+        ax.set_xticks(xs, [f"{int(n) // 1024}K" for n in lengths])
+        ax.set_title(title, fontsize=9)
+    ax_dec.legend(fontsize=7)
+    fig.suptitle(f"Llama-3-8B shape, batch 1, {results['device']}", fontsize=9)
+    fig.tight_layout()
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--patterns", required=True)
+    parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
+    parser.add_argument("--patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--decode-tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
+    if not args.patterns:
+        parser.error("--patterns is required (the published DuoAttention pattern folders)")
     import torch
 
     lengths = [int(x) for x in args.lengths.split(",")]
