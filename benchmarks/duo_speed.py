@@ -46,7 +46,7 @@ def run(model: str, lengths: list[int], duo: dict | None, decode_tokens: int) ->
     for n in lengths:
         prompt = TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(n)])
 
-        def timed(max_tokens: int) -> float:
+        def timed(max_tokens: int, llm=llm, prompt=prompt) -> float:
             t = time.perf_counter()
             llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                                   detokenize=False), use_tqdm=False)
