@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kv_capacity import LLAMA3_8B, model_dir  # noqa: E402
+from kv_capacity import LLAMA3_8B, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
 WEIGHTS = 16.06e9  # Llama-3-8B bf16 bytes
@@ -33,18 +33,15 @@ KV_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (K, V) x b
 
 def run(model: str, lengths: list[int], duo: dict | None, decode_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=max(lengths) + decode_tokens + 16, gpu_memory_utilization=0.9,
-                  enable_prefix_caching=False, seed=0)
-    if duo is not None:
-        kwargs.update(attention_backend="DUO", additional_config={"duo": duo}, enforce_eager=True)
+    # Stock keeps vLLM's defaults (compile + CUDA graphs); DUO runs eagerly.
+    kwargs = engine_kwargs(model, max(lengths) + decode_tokens + 16, 0.9, duo, enable_prefix_caching=False,
+                           **({"enforce_eager": True} if duo is not None else {}))
     start = time.time()
     llm = LLM(**kwargs)
     result = {"start_s": round(time.time() - start, 1), "lengths": {}}
     for n in lengths:
-        prompt = TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(n)])
+        prompt = synthetic_prompt(n)
 
         def timed(max_tokens: int, llm=llm, prompt=prompt) -> float:
             t = time.perf_counter()

@@ -49,20 +49,31 @@ def model_dir(config: dict) -> str:
     return str(folder)
 
 
-def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | None, **extra) -> dict:
+    """LLM(...) arguments for a random-weight model of a real shape; DUO when ``duo`` is given."""
     kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=max_model_len, gpu_memory_utilization=gpu_util, enforce_eager=True,
-                  seed=0)
+                  max_model_len=max_model_len, gpu_memory_utilization=gpu_util, seed=0, **extra)
     if duo is not None:
         kwargs.update(attention_backend="DUO", additional_config={"duo": duo})
+    return kwargs
+
+
+def synthetic_prompt(num_tokens: int):
+    """A deterministic token-id prompt (dummy weights: the content does not matter)."""
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(num_tokens)])
+
+
+def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, enforce_eager=True)
     start = time.time()
     llm = LLM(**kwargs)
     result = {"start_s": round(time.time() - start, 1),
               "kv_tokens": llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens}
-    prompt = TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(8192)])
+    prompt = synthetic_prompt(8192)
     t = time.time()
     out = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, detokenize=False),
                        use_tqdm=False)[0]

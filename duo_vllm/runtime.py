@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 
 from duo_vllm.config import DEFAULT_SPARSITY, DuoConfig
@@ -62,6 +64,7 @@ class DuoRuntime:
         shard = shard_for_tensor_parallel(self.retrieval_mask, self.tp_size, self.tp_rank)
         return shard[layer_index]
 
+    @cached_property
     def head_slots(self) -> "HeadSlots":
         """Per-layer retrieval / streaming KV head slots of every rank's cache spec.
 

@@ -11,7 +11,7 @@ streaming store and the streaming-head pass. Platform files only glue these to v
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -98,11 +98,22 @@ def kernel_query_heads(kv_cache_spec, vllm_config) -> int:
     return kv_cache_spec.num_kv_heads * group
 
 
+@dataclass
+class DuoMetadataFields:
+    """What DUO adds to a platform's attention metadata. Listed first among the bases of the
+    platform's metadata dataclass, so these defaulted fields follow the platform's own."""
+
+    query_start_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
+    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
+    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
+    duo_decode_seq_lens: torch.Tensor | None = None
+
+
 class DuoMetadataBuilderMixin:
     """Mixed in before a platform's metadata builder: adds host copies of the request layout.
 
-    ``metadata_cls`` subclasses the platform's metadata with ``query_start_host`` and
-    ``seq_lens_host`` (lists) and ``duo_decode_*`` (tensors) fields.
+    ``metadata_cls`` is the platform's metadata with :class:`DuoMetadataFields`.
     """
 
     metadata_cls: ClassVar[type]
@@ -147,11 +158,19 @@ class DuoImplMixin:
         # Resolving the pattern here makes every configuration error a start-up error.
         self.runtime = runtime_from_vllm_config(get_current_vllm_config())
         self._plan: HeadPlan | None = None
+        self._device_plans: dict[torch.device, HeadPlan] = {}
 
-    def head_plan(self, layer) -> HeadPlan:
+    def head_plan(self, layer, device: torch.device | None = None) -> HeadPlan:
+        """The layer's head plan, with its index tensors on ``device`` when given (moved once,
+        not at every step)."""
         if self._plan is None:
             self._plan = plan_for_layer(self.runtime, layer.layer_name, self.num_heads, self.num_kv_heads)
-        return self._plan
+        if device is None:
+            return self._plan
+        plan = self._device_plans.get(device)
+        if plan is None:
+            plan = self._device_plans[device] = self._plan.to(device)
+        return plan
 
     def streaming_context(self, layer, kv_cache, attn_metadata, slot_mapping):
         """(cache, metadata, slot mapping) of the layer's streaming heads for this step."""
@@ -167,25 +186,25 @@ class DuoImplMixin:
                 context.slot_mapping.get(name) if isinstance(context.slot_mapping, dict) else None)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        plan = self.head_plan(layer)
+        plan = self.head_plan(layer, key.device)
         if plan.all_retrieval:
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
             return
         if plan.any_retrieval:
-            heads = plan.retrieval_kv_heads.to(key.device)
-            r = heads.numel()
-            super().do_kv_cache_update(layer, key[:, heads], value[:, heads], kv_cache[:, :r], slot_mapping)
+            heads = plan.retrieval_kv_heads
+            super().do_kv_cache_update(layer, key[:, heads], value[:, heads], kv_cache[:, :heads.numel()],
+                                       slot_mapping)
         cache, _, streaming_slots = self.streaming_context(layer, kv_cache, None, slot_mapping)
         if streaming_slots is None:  # a dummy run without KV-cache metadata: nothing to store
             return
-        heads = plan.streaming_kv_heads.to(key.device)
+        heads = plan.streaming_kv_heads
         StreamingKV(cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads], streaming_slots)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         """query [T, Hq, D]; kv_cache [blocks, heads in this cache, block_size, 2 * D];
         output [T, Hq, D] (or [T, Hq * D])."""
-        plan = self.head_plan(layer)
+        plan = self.head_plan(layer, query.device)
         if attn_metadata is None or plan.all_retrieval:
             # Profiling / warm-up run (the platform decides what to return), or a layer whose
             # heads all keep full attention: exactly the stock kernel.
@@ -194,7 +213,7 @@ class DuoImplMixin:
         num_tokens = attn_metadata.num_actual_tokens
         out_heads = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         if plan.any_retrieval:
-            q_heads = plan.retrieval_q_heads.to(query.device)
+            q_heads = plan.retrieval_q_heads
             r = plan.retrieval_kv_heads.numel()
             # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
             partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
@@ -217,7 +236,7 @@ class DuoImplMixin:
         device = query.device
         num_tokens = out_heads.shape[0]
         q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        q_heads = plan.streaming_q_heads.to(device)
+        q_heads = plan.streaming_q_heads
         sink, recent = self.runtime.sink, self.runtime.recent
         block_table = metadata.block_table
         if metadata.duo_decode_reqs.numel():

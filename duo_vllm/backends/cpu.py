@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from vllm.v1.attention.backend import KVCacheLayout
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -22,19 +21,14 @@ from duo_vllm.backends.common import (
     DuoBackendMixin,
     DuoImplMixin,
     DuoMetadataBuilderMixin,
+    DuoMetadataFields,
     kernel_query_heads,
 )
 
 
 @dataclass
-class DuoAttentionMetadata(CPUAttentionMetadata):
-    """CPU_ATTN's metadata plus host copies of the per-request layout for streaming heads."""
-
-    query_start_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
-    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
-    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
-    duo_decode_seq_lens: torch.Tensor | None = None
+class DuoAttentionMetadata(DuoMetadataFields, CPUAttentionMetadata):
+    pass
 
 
 class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataBuilder):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
@@ -24,17 +23,14 @@ from duo_vllm.backends.common import (
     DuoBackendMixin,
     DuoImplMixin,
     DuoMetadataBuilderMixin,
+    DuoMetadataFields,
     kernel_query_heads,
 )
 
 
 @dataclass
-class DuoAttentionMetadata(FlashAttentionMetadata):
-    query_start_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
-    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
-    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
-    duo_decode_seq_lens: torch.Tensor | None = None
+class DuoAttentionMetadata(DuoMetadataFields, FlashAttentionMetadata):
+    pass
 
 
 class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, FlashAttentionMetadataBuilder):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -20,7 +20,7 @@ class HeadPlan:
 
     @property
     def any_retrieval(self) -> bool:
-        return bool(self.retrieval_kv.any())
+        return self.retrieval_kv_heads.numel() > 0
 
     @property
     def any_streaming(self) -> bool:
@@ -29,6 +29,11 @@ class HeadPlan:
     @property
     def all_retrieval(self) -> bool:
         return not self.any_streaming
+
+    def to(self, device) -> "HeadPlan":
+        """The same plan with its index tensors on ``device`` (kernels index with them)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def layer_index_from_name(layer_name: str) -> int:

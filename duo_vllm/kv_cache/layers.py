@@ -31,7 +31,7 @@ _STREAMING_BLOCK: dict[int, tuple[object, int]] = {}
 def _streaming_block(vllm_config, runtime) -> int:
     entry = _STREAMING_BLOCK.get(id(runtime))
     if entry is None or entry[0] is not runtime:
-        slots = runtime.head_slots()
+        slots = runtime.head_slots
         block = streaming_block_size(vllm_config.cache_config.block_size, int(slots.retrieval.sum()),
                                      int(slots.streaming.sum()), sink=runtime.sink,
                                      recent=runtime.recent,
@@ -42,7 +42,7 @@ def _streaming_block(vllm_config, runtime) -> int:
 
 def streaming_spec_for_layer(vllm_config, runtime, layer_index: int, *, head_size: int,
                              head_size_v: int, dtype: torch.dtype) -> DuoStreamingSpec:
-    slots = runtime.head_slots()
+    slots = runtime.head_slots
     block_size = _streaming_block(vllm_config, runtime)
     return DuoStreamingSpec(
         block_size=block_size,
@@ -58,7 +58,7 @@ def streaming_spec_for_layer(vllm_config, runtime, layer_index: int, *, head_siz
 
 def layer_spec(full_spec: FullAttentionSpec, vllm_config, runtime, layer_index: int):
     """What a DUO attention layer reports instead of stock full attention."""
-    slots = runtime.head_slots()
+    slots = runtime.head_slots
     if slots.retrieval[layer_index] == 0:
         return streaming_spec_for_layer(vllm_config, runtime, layer_index,
                                         head_size=full_spec.head_size,

@@ -51,7 +51,7 @@ def kv_report(vllm_config, context_len: int | None = None, runtime=None,
     runtime = runtime or runtime_from_vllm_config(vllm_config)
     model_config = vllm_config.model_config
     context_len = context_len or model_config.max_model_len
-    slots = runtime.head_slots()
+    slots = runtime.head_slots
     head_bytes = _bytes_per_head_token(vllm_config)
     num_layers = len(slots.retrieval)
     block_size = block_size or vllm_config.cache_config.block_size

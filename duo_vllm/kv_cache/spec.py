@@ -37,8 +37,8 @@ class DuoStreamingSpec(AttentionSpec):
 
         The window can straddle one more block boundary than its length needs, hence the
         ``+ 1``. Within a step a request also holds the blocks of the tokens it is computing
-        (freed right after), exactly as full attention holds its newest blocks: vLLM admits
-        those allocations block by block, so they are not part of the per-request footprint.
+        (freed right after): admission counts those (:meth:`max_blocks_in_step`), the capacity
+        figure counts this between-steps footprint.
         """
         window = cdiv(self.recent - 1, self.block_size) + 1
         return min(self.sink_blocks() + window, cdiv(max_model_len, self.block_size))

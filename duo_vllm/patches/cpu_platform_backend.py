@@ -10,7 +10,7 @@ Remove when the CPU platform resolves requested backends like the CUDA platform 
 
 from __future__ import annotations
 
-_MARK = "_duo_vllm_wrapped"
+from duo_vllm.patches.wrapping import MARK as _MARK
 
 
 def apply() -> None:

@@ -13,26 +13,24 @@ Remove when vLLM offers backends a hook to validate their configuration in the f
 
 from __future__ import annotations
 
-_MARK = "_duo_vllm_wrapped"
+from duo_vllm.patches.wrapping import wrap_function
 
 
 def apply() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, _MARK, False):
-        return
+    def wrap(original):
+        def create_engine_config(self, *args, **kwargs):
+            config = original(self, *args, **kwargs)
+            backend = config.attention_config.backend
+            from duo_vllm import BACKEND_NAME
 
-    def create_engine_config(self, *args, **kwargs):
-        config = original(self, *args, **kwargs)
-        backend = config.attention_config.backend
-        from duo_vllm import BACKEND_NAME
+            if backend is not None and backend.name == BACKEND_NAME:
+                from duo_vllm.runtime import runtime_from_vllm_config
 
-        if backend is not None and backend.name == BACKEND_NAME:
-            from duo_vllm.runtime import runtime_from_vllm_config
+                runtime_from_vllm_config(config)
+            return config
 
-            runtime_from_vllm_config(config)
-        return config
+        return create_engine_config
 
-    setattr(create_engine_config, _MARK, True)
-    EngineArgs.create_engine_config = create_engine_config
+    wrap_function(EngineArgs, "create_engine_config", wrap)

@@ -19,7 +19,7 @@ Remove when vLLM lets a backend report per-layer specs and groups itself.
 
 from __future__ import annotations
 
-_MARK = "_duo_vllm_wrapped"
+from duo_vllm.patches.wrapping import wrap_function
 
 
 def register_duo_specs(vllm_config=None) -> None:
@@ -47,102 +47,83 @@ def _is_duo(layer) -> bool:
 def _wrap_attention() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
 
-    if getattr(Attention.__init__, _MARK, False):
-        return
-    original_init = Attention.__init__
-    original_spec = Attention.get_kv_cache_spec
+    def wrap_init(original_init):
+        def __init__(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.duo_streaming_layer_name = None
+            if not _is_duo(self):
+                return
+            from duo_vllm.kv_cache.layers import COMPANION_SUFFIX, DuoStreamingCache
 
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.duo_streaming_layer_name = None
-        if not _is_duo(self):
-            return
-        from duo_vllm.kv_cache.layers import COMPANION_SUFFIX, DuoStreamingCache
+            plan = self.impl.head_plan(self)
+            slots = self.impl.runtime.head_slots
+            if slots.streaming[plan.layer_index] == 0:
+                return
+            if slots.retrieval[plan.layer_index] == 0:
+                self.duo_streaming_layer_name = self.layer_name
+                return
+            name = f"{self.layer_name}.{COMPANION_SUFFIX}"
+            # Kept as an attribute (not a submodule) so the model's module tree stays stock.
+            self.__dict__["duo_streaming_cache"] = DuoStreamingCache(
+                name, self.attn_backend, self.impl.runtime, plan.layer_index, self.num_heads,
+                self.head_size, self.head_size_v, self.kv_cache_torch_dtype)
+            self.duo_streaming_layer_name = name
 
-        plan = self.impl.head_plan(self)
-        slots = self.impl.runtime.head_slots()
-        if slots.streaming[plan.layer_index] == 0:
-            return
-        if slots.retrieval[plan.layer_index] == 0:
-            self.duo_streaming_layer_name = self.layer_name
-            return
-        name = f"{self.layer_name}.{COMPANION_SUFFIX}"
-        # Kept as an attribute (not a submodule) so the model's module tree stays stock.
-        self.__dict__["duo_streaming_cache"] = DuoStreamingCache(
-            name, self.attn_backend, self.impl.runtime, plan.layer_index, self.num_heads,
-            self.head_size, self.head_size_v, self.kv_cache_torch_dtype)
-        self.duo_streaming_layer_name = name
+        return __init__
 
-    def get_kv_cache_spec(self, vllm_config):
-        spec = original_spec(self, vllm_config)
-        if spec is None or not _is_duo(self):
-            return spec
-        from duo_vllm.kv_cache.layers import layer_spec
+    def wrap_spec(original_spec):
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original_spec(self, vllm_config)
+            if spec is None or not _is_duo(self):
+                return spec
+            from duo_vllm.kv_cache.layers import layer_spec
 
-        register_duo_specs(vllm_config)
-        return layer_spec(spec, vllm_config, self.impl.runtime, self.impl.head_plan(self).layer_index)
+            register_duo_specs(vllm_config)
+            return layer_spec(spec, vllm_config, self.impl.runtime, self.impl.head_plan(self).layer_index)
 
-    setattr(__init__, _MARK, True)
-    Attention.__init__ = __init__
-    Attention.get_kv_cache_spec = get_kv_cache_spec
+        return get_kv_cache_spec
 
-
-def _wrap_grouping() -> None:
-    from vllm.v1.core import kv_cache_utils
-
-    original = kv_cache_utils.get_kv_cache_groups
-    if getattr(original, _MARK, False):
-        return
-
-    def get_kv_cache_groups(vllm_config, kv_cache_spec):
-        from duo_vllm.kv_cache.grouping import duo_kv_cache_groups
-
-        groups = duo_kv_cache_groups(vllm_config, kv_cache_spec)
-        return groups if groups is not None else original(vllm_config, kv_cache_spec)
-
-    setattr(get_kv_cache_groups, _MARK, True)
-    kv_cache_utils.get_kv_cache_groups = get_kv_cache_groups
+    wrap_function(Attention, "__init__", wrap_init)
+    wrap_function(Attention, "get_kv_cache_spec", wrap_spec)
 
 
-def _wrap_config_check() -> None:
+def _wrap_kv_cache_planning() -> None:
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.engine import core
 
-    original = kv_cache_utils.get_kv_cache_configs
-    if getattr(original, _MARK, False):
-        return
+    def wrap_groups(original):
+        def get_kv_cache_groups(vllm_config, kv_cache_spec):
+            from duo_vllm.kv_cache.grouping import duo_kv_cache_groups
 
-    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-        from duo_vllm.kv_cache.grouping import check_one_request_fits
+            groups = duo_kv_cache_groups(vllm_config, kv_cache_spec)
+            return groups if groups is not None else original(vllm_config, kv_cache_spec)
 
-        configs = original(vllm_config, kv_cache_specs, available_memory)
-        for config in configs:
-            check_one_request_fits(vllm_config, config)
-        return configs
+        return get_kv_cache_groups
 
-    setattr(get_kv_cache_configs, _MARK, True)
-    kv_cache_utils.get_kv_cache_configs = get_kv_cache_configs
-    # The engine core imported the function by name.
-    core.get_kv_cache_configs = get_kv_cache_configs
+    def wrap_configs(original):
+        def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+            from duo_vllm.kv_cache.grouping import check_one_request_fits
 
+            configs = original(vllm_config, kv_cache_specs, available_memory)
+            for config in configs:
+                check_one_request_fits(vllm_config, config)
+            return configs
 
-def _wrap_engine_registration() -> None:
-    from vllm.v1.engine import core
+        return get_kv_cache_configs
 
-    original = core.register_all_kvcache_specs
-    if getattr(original, _MARK, False):
-        return
+    def wrap_registration(original):
+        def register_all_kvcache_specs(vllm_config):
+            original(vllm_config)
+            register_duo_specs(vllm_config)
 
-    def register_all_kvcache_specs(vllm_config):
-        original(vllm_config)
-        register_duo_specs(vllm_config)
+        return register_all_kvcache_specs
 
-    setattr(register_all_kvcache_specs, _MARK, True)
-    core.register_all_kvcache_specs = register_all_kvcache_specs
+    wrap_function(kv_cache_utils, "get_kv_cache_groups", wrap_groups)
+    # The engine core imported these two by name.
+    wrap_function(kv_cache_utils, "get_kv_cache_configs", wrap_configs, also=(core,))
+    wrap_function(core, "register_all_kvcache_specs", wrap_registration)
 
 
 def apply() -> None:
     _wrap_attention()
-    _wrap_grouping()
-    _wrap_config_check()
-    _wrap_engine_registration()
+    _wrap_kv_cache_planning()

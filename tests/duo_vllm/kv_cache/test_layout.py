@@ -53,7 +53,7 @@ def test_every_rank_reports_the_same_specs(mask, tp_log):
     specs_per_rank = []
     for rank in range(tp):
         runtime = runtime_for(mask, tp, rank)
-        slots = runtime.head_slots()
+        slots = runtime.head_slots
         local = shard_for_tensor_parallel(mask, tp, rank)
         assert (local.sum(axis=1) <= slots.retrieval).all()
         assert ((~local).sum(axis=1) <= slots.streaming).all()
@@ -74,7 +74,7 @@ def test_every_rank_reports_the_same_specs(mask, tp_log):
 def test_tp_padding_is_counted():
     # layer 0: rank 0 has 2 retrieval heads, rank 1 none -> both ranks need 2 + 2 slots for 2 heads
     mask = np.array([[True, True, False, False]])
-    slots = runtime_for(mask, tp_size=2).head_slots()
+    slots = runtime_for(mask, tp_size=2).head_slots
     assert slots.retrieval.tolist() == [2] and slots.streaming.tolist() == [2]
     assert slots.padding == 2 * 1 * 1 and slots.local_kv_heads == 2
 
