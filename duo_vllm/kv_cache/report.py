@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
+    try:
+        duo_options = json.loads(args.duo)
+    except json.JSONDecodeError as error:
+        parser.error(f"--duo is not valid JSON ({error}); pass an object such as '{{\"sparsity\": 0.5}}'")
+    if not isinstance(duo_options, dict):
+        parser.error("--duo must be a JSON object of DUO options, such as '{\"sparsity\": 0.5}'")
 
     import duo_vllm
     from vllm.engine.arg_utils import EngineArgs
@@ -116,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model, attention_backend="DUO", dtype=args.dtype, skip_tokenizer_init=True,
         max_model_len=args.max_model_len, block_size=args.block_size,
         tensor_parallel_size=args.tensor_parallel_size,
-        additional_config={"duo": json.loads(args.duo)})
-    vllm_config = engine_args.create_engine_config()
+        additional_config={"duo": duo_options})
+    try:
+        vllm_config = engine_args.create_engine_config()
+    except ValueError as error:  # PatternError and vLLM's own configuration errors
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     report = kv_report(vllm_config, args.context_length)
     print(json.dumps(asdict(report), indent=2) if args.json else report.line())
 

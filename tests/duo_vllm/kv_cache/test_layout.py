@@ -154,3 +154,22 @@ def test_report_command_on_the_real_model(smollm2, capsys):
     ratio, bound = map(float, re.search(r"at 8,192 tokens: ([\d.]+)x \(pattern's bound ([\d.]+)x\)", line).groups())
     assert 0.95 * bound <= ratio <= bound < 2.0
     assert "retrieval heads 11,520 B/token (stock 23,040 B/token)" in line  # SmolLM2, bf16, 45 of 90 heads
+
+
+@pytest.mark.parametrize("bad", ["{sparsity: 0.5", "[0.5]"])
+def test_report_command_rejects_bad_options(bad, capsys):
+    from duo_vllm.kv_cache.report import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["some-model", "--duo", bad])
+    assert exit_info.value.code == 2
+    assert "--duo" in capsys.readouterr().err
+
+
+def test_report_command_names_a_bad_option(smollm2, capsys):
+    from duo_vllm.kv_cache.report import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([smollm2, "--duo", '{"sparsity": 1.5}'])
+    assert exit_info.value.code == 2
+    assert 'DUO option "sparsity" must be a number in [0, 1]' in capsys.readouterr().err
