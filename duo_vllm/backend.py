@@ -12,10 +12,11 @@ if current_platform.is_cpu():
         DuoAttentionMetadataBuilder,
     )
 elif current_platform.is_cuda():
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata as DuoAttentionMetadata
+
     from duo_vllm.backends.cuda import (
         DuoAttentionBackend,
         DuoAttentionImpl,
-        DuoAttentionMetadata,
         DuoAttentionMetadataBuilder,
     )
 else:

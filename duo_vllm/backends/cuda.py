@@ -1,54 +1,81 @@
-"""DUO attention on NVIDIA GPUs: retrieval heads through vLLM's FLASH_ATTN (FA3 on Hopper).
+"""DUO attention on NVIDIA GPUs.
 
-This is the correctness path: streaming heads use the same gathered Λ-masked pass as on CPU
-(``backends/common.py``), which needs host-side request layouts, so the metadata builder declares
-no CUDA-graph support and vLLM runs attention eagerly between piecewise graphs.
+Retrieval heads go through vLLM's FLASH_ATTN kernel (FA3 on Hopper) on the layer's own paged
+cache, which holds only those heads; streaming heads through one Triton launch per layer over
+the compact sink + window cache (``duo_vllm.ops.triton_streaming``), reading only keys their Λ
+mask lets them see. Neither needs host-side request layouts, so uniform decode batches run
+inside full CUDA graphs; mixed prefill/decode steps run attention between piecewise graphs, as
+FLASH_ATTN's own mixed steps do under vLLM's default FULL_AND_PIECEWISE mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
-
+from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
-    FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
 
-from duo_vllm.backends.common import (
-    DuoBackendMixin,
-    DuoImplMixin,
-    DuoMetadataBuilderMixin,
-    DuoMetadataFields,
-    kernel_query_heads,
-)
+from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, kernel_query_heads
+from duo_vllm.kv_cache.spec import DuoStreamingSpec
+from duo_vllm.ops.triton_streaming import lambda_paged_attention, store_kv_heads
 
 
-@dataclass
-class DuoAttentionMetadata(DuoMetadataFields, FlashAttentionMetadata):
-    pass
+MAX_FA3_SPLITS = 128  # FA3's own cap on split-KV decode
 
 
-class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, FlashAttentionMetadataBuilder):
-    metadata_cls = DuoAttentionMetadata
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    """FLASH_ATTN's metadata, for both KV-cache groups.
+
+    Full graphs for uniform batches only: the streaming kernel's grid follows the step's longest
+    query, fixed when a graph is captured (1 for decode).
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # FA3's ahead-of-time schedule is per query-head count.
         self.num_heads_q = kernel_query_heads(kv_cache_spec, vllm_config)
+        if isinstance(kv_cache_spec, DuoStreamingSpec):
+            # FA3 never reads the streaming group: no schedule to plan for it.
+            self.aot_schedule = False
+        elif self.max_num_splits:
+            # Under CUDA graphs FA3 splits a decode query's keys at most max_num_splits ways.
+            # A layer with few retrieval heads has few (head, split) work tiles and would leave
+            # most SMs idle: allow as many tiles as a layer with all heads gets.
+            model = vllm_config.model_config
+            all_heads = model.get_num_kv_heads(vllm_config.parallel_config)
+            self.max_num_splits = min(MAX_FA3_SPLITS, self.max_num_splits * cdiv(all_heads, kv_cache_spec.num_kv_heads))
+
+    def use_cascade_attention(self, *args, **kwargs) -> bool:
+        # A shared-prefix cascade would split requests differently in the two groups.
+        return False
 
 
 class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
-    pass
+    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
+        # One launch for both caches (FLASH_ATTN's own write would need the retrieval heads
+        # copied out of key/value first).
+        store_kv_heads(key, value, [(plan.retrieval_kv_heads, kv_cache, slot_mapping),
+                                    (plan.streaming_kv_heads, streaming_cache, streaming_slots)])
+
+    def streaming_forward(self, plan, query, out_heads, cache, metadata) -> None:
+        num_tokens = out_heads.shape[0]
+        lambda_paged_attention(
+            query[:num_tokens].view(num_tokens, self.num_heads, self.head_size), out_heads, cache,
+            metadata.block_table, metadata.query_start_loc, metadata.seq_lens, metadata.max_query_len,
+            plan.streaming_q_heads, num_kv_heads=plan.streaming_kv_heads.numel(),
+            sink=self.runtime.sink, recent=self.runtime.recent, scale=self.scale,
+        )
 
 
 class DuoAttentionBackend(DuoBackendMixin, FlashAttentionBackend):

@@ -1,0 +1,119 @@
+"""Streaming heads in plain PyTorch, for platforms without a streaming kernel (vLLM's CPU).
+
+The streaming pass gathers each request's visible K/V (sink + window) from the paged streaming
+cache and attends with ``duo_vllm.ops.lambda_attention``; it loops over requests on the host,
+so the metadata builder adds host copies of the request layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from duo_vllm.ops.lambda_attention import (
+    lambda_attention,
+    lambda_decode_attention,
+    lambda_decode_positions,
+    lambda_key_positions,
+)
+from duo_vllm.streaming_store import StreamingKV
+
+# Queries of one request handled per streaming step: bounds the score matrix to
+# chunk x (sink + recent + chunk) whatever the prompt length.
+QUERY_CHUNK = 256
+
+
+@dataclass
+class DuoMetadataFields:
+    """What DUO adds to a platform's attention metadata. Listed first among the bases of the
+    platform's metadata dataclass, so these defaulted fields follow the platform's own."""
+
+    query_start_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
+    duo_decode_reqs: torch.Tensor | None = None  # request index of each decode request
+    duo_decode_tokens: torch.Tensor | None = None  # its query's row in the flattened batch
+    duo_decode_seq_lens: torch.Tensor | None = None
+
+
+class DuoMetadataBuilderMixin:
+    """Mixed in before a platform's metadata builder: adds host copies of the request layout.
+
+    ``metadata_cls`` is the platform's metadata with :class:`DuoMetadataFields`.
+    """
+
+    metadata_cls: ClassVar[type]
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False):
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        num_reqs = common_attn_metadata.num_reqs
+        query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = common_attn_metadata.seq_lens[:num_reqs].cpu().tolist()
+        # Requests with one query this step (decode) get the batched streaming pass; their
+        # indices are built once here for every layer of the group.
+        decode = [r for r in range(num_reqs) if query_start[r + 1] - query_start[r] == 1]
+        device = common_attn_metadata.seq_lens.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return self.metadata_cls(
+            **{f.name: getattr(base, f.name) for f in fields(base)},
+            query_start_host=query_start,
+            seq_lens_host=seq_lens,
+            duo_decode_reqs=as_tensor(decode),
+            duo_decode_tokens=as_tensor([query_start[r] for r in decode]),
+            duo_decode_seq_lens=as_tensor([seq_lens[r] for r in decode]),
+        )
+
+
+class GatheredStreamingMixin:
+    """Streaming heads in plain PyTorch (the CPU path): K/V gathered per request, then attended.
+
+    Decode requests (one query) go through one batched gather and attention; the others
+    (prefill chunks) per request and per chunk of at most ``QUERY_CHUNK`` queries. Needs the
+    host copies of the request layout from :class:`DuoMetadataBuilderMixin`.
+    """
+
+    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
+        from duo_vllm.backends.common import DuoImplMixin
+
+        if plan.any_retrieval:  # the platform's own cache write, skipping DuoImplMixin's
+            heads = plan.retrieval_kv_heads
+            super(DuoImplMixin, self).do_kv_cache_update(layer, key[:, heads], value[:, heads],
+                                                         kv_cache[:, :heads.numel()], slot_mapping)
+        heads = plan.streaming_kv_heads
+        StreamingKV(streaming_cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads],
+                                                                          streaming_slots)
+
+    def streaming_forward(self, plan, query, out_heads, cache, metadata) -> None:
+        store = StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel())
+        device = query.device
+        num_tokens = out_heads.shape[0]
+        q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
+        q_heads = plan.streaming_q_heads
+        sink, recent = self.runtime.sink, self.runtime.recent
+        block_table = metadata.block_table
+        if metadata.duo_decode_reqs.numel():
+            rows = metadata.duo_decode_tokens
+            positions, valid = lambda_decode_positions(metadata.duo_decode_seq_lens, sink=sink, recent=recent)
+            keys, values = store.gather_batched(block_table[metadata.duo_decode_reqs], positions)
+            out_heads[rows[:, None], q_heads[None, :]] = lambda_decode_attention(
+                q_all[rows][:, q_heads], keys, values, valid, scale=self.scale).to(out_heads.dtype)
+        query_start, seq_lens = metadata.query_start_host, metadata.seq_lens_host
+        for r, seq_len in enumerate(seq_lens):
+            q_len = query_start[r + 1] - query_start[r]
+            if q_len <= 1:
+                continue  # decode: done above (or no query this step)
+            context = seq_len - q_len
+            block_row = block_table[r]
+            for begin in range(context, seq_len, QUERY_CHUNK):
+                end = min(begin + QUERY_CHUNK, seq_len)
+                k_pos = lambda_key_positions(begin, end, sink=sink, recent=recent).to(device)
+                keys, values = store.gather(block_row, k_pos)
+                rows = slice(query_start[r] + begin - context, query_start[r] + end - context)
+                out_heads[rows, q_heads] = lambda_attention(
+                    q_all[rows][:, q_heads], keys, values,
+                    torch.arange(begin, end, device=device), k_pos,
+                    sink=sink, recent=recent, scale=self.scale,
+                ).to(out_heads.dtype)
