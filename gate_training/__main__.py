@@ -3,6 +3,10 @@
 Every option maps one-to-one onto a :class:`~gate_training.config.TrainConfig` field; defaults
 come from the dataclass so the CLI and the Python API cannot drift apart. Bad input exits with
 status 2 and one ``error:`` line before any training step.
+
+Several processes (data parallel, FSDP2): ``torchrun --nproc-per-node N -m gate_training ...``.
+Rank 0 alone prints, logs below warnings, shows the progress bar and writes files; every rank
+exits with the same status.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ _HELP = {
     "log_every": "log gate statistics every N steps",
     "eval_samples": "held-out samples evaluated at the end",
     "num_threads": "torch CPU threads",
+    "batch_size": "samples per optimiser step, gradients averaged (default: one per process; "
+                  "under torchrun a multiple of --nproc-per-node)",
 }
 _CHOICES = {"dtype": DTYPES, "streaming": STREAMING_CHOICES}
 
@@ -78,24 +84,74 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     stop_after = args.pop("stop_after")
     progress = not args.pop("no_progress")
+    level = args.pop("log_level").upper()
+    main_rank = _rank() == 0
+    if not main_rank:  # other ranks only speak up about problems
+        numeric = logging.getLevelName(level)
+        if not isinstance(numeric, int) or numeric < logging.WARNING:
+            level = "WARNING"
+        _quiet_progress_bars()
     logging.basicConfig(
-        level=args.pop("log_level").upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    trainer = None
     try:
         from gate_training.trainer import GateTrainer
 
         cfg = TrainConfig(**args)
-        result = GateTrainer(cfg, progress=progress).train(stop_after=stop_after)
+        trainer = GateTrainer(cfg, progress=progress)
+        result = trainer.train(stop_after=stop_after)
     except GateTrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # multi-process: the trainer raises the same error on every rank; rank 0 reports it
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        _leave_process_group(trainer)
         return 2
+    # (any other exception propagates without a goodbye: torchrun then stops the other ranks)
+    _leave_process_group(trainer)
+    if not main_rank:
+        return 0
     if result.finished:
         print(f"wrote {result.pattern_path}")
     else:
         print(f"stopped at step {result.steps_done}/{cfg.steps}; continue with --resume")
     return 0
+
+
+def _rank() -> int:
+    """torchrun's RANK (0 for a plain run or a malformed value: the trainer reports that)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _quiet_progress_bars() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _leave_process_group(trainer) -> None:
+    if trainer is not None:
+        trainer.close()
+    if "torch.distributed" in sys.modules:  # a failed set-up may have joined the group already
+        from gate_training.distributed import leave_process_group
+
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class TrainConfig:
     num_passkeys, passkey_length : int
         Passkeys per sample, and words per passkey.
     steps : int
-        Optimiser steps (one sample each, batch 1).
+        Optimiser steps (``batch_size`` samples each).
     warmup : int, optional
         Steps of linear warm-up from ``lr_min`` to ``lr`` and, at the end, of linear decay back
         to ``lr_min``; default ``round(0.2 * steps)`` (the paper's 400 of 2000).
@@ -94,6 +94,10 @@ class TrainConfig:
         Held-out samples evaluated at the end (lengths spread up to max_context).
     num_threads : int, optional
         torch CPU threads (default: torch's choice).
+    batch_size : int, optional
+        Samples per optimiser step; their gradients are averaged. Default: one per process (1 for
+        a plain run, N under ``torchrun --nproc-per-node N``); under torchrun it must be a
+        multiple of the number of processes, each of which trains ``batch_size / N`` of them.
     """
 
     model: str
@@ -124,6 +128,7 @@ class TrainConfig:
     log_every: int = 10
     eval_samples: int = 4
     num_threads: int | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "out"):
@@ -146,6 +151,11 @@ class TrainConfig:
                 raise GateTrainingError(f"{name} must be an integer >= 0, got {value!r}")
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads <= 0):
             raise GateTrainingError(f"num_threads must be a positive integer, got {self.num_threads!r}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size <= 0):
+            raise GateTrainingError(
+                f"batch_size must be a positive integer (or None for one sample per process), "
+                f"got {self.batch_size!r}"
+            )
 
         if self.max_context is not None:
             if not _is_int(self.max_context) or self.max_context <= 0:
@@ -234,7 +244,7 @@ class TrainConfig:
     RUN_DEFINING = (
         "sink", "recent", "min_context", "max_context", "num_lengths", "num_passkeys",
         "passkey_length", "steps", "warmup", "lr", "lr_min", "weight_decay", "reg_weight",
-        "seed", "dtype", "streaming",
+        "seed", "dtype", "streaming", "batch_size",
     )
 
     def run_defining(self) -> dict[str, Any]:

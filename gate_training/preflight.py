@@ -177,14 +177,21 @@ def load_frozen_model(cfg: TrainConfig, config, device: torch.device, dtype: tor
     return model
 
 
-def probe_gated_routing(model, state, device: torch.device) -> None:
-    """Run 8 tokens and check every layer called the gated attention exactly once."""
+def probe_gated_routing(model, state, device: torch.device, forward=None) -> None:
+    """Run 8 tokens and check every layer called the gated attention exactly once.
+
+    ``forward(input_ids)`` runs the model (default: its ``base_model``; a sharded model must be
+    called through its FSDP root).
+    """
     num_layers = model.config.num_hidden_layers
     before = state.calls
     ids = torch.arange(3, 11, device=device).view(1, -1)
+    if forward is None:
+        def forward(input_ids):
+            return model.base_model(input_ids=input_ids, use_cache=False)
     try:
         with torch.no_grad():
-            model.base_model(input_ids=ids, use_cache=False)
+            forward(ids)
     except Exception as exc:  # noqa: BLE001 - any failure here means "unsupported architecture"
         raise GateTrainingError(
             f"{type(model).__name__} fails with the gated attention ({type(exc).__name__}: {exc}); "

@@ -1,12 +1,13 @@
 """The gate-training loop: distil the full-attention model into its gated self.
 
-Per step (batch 1): the frozen model runs once as the teacher (plain causal attention, no
+Per sample: the frozen model runs once as the teacher (plain causal attention, no
 grad) and once as the student (every head mixes full and streaming attention by its gate); the
 loss is the mean squared difference of the final hidden states (after the final norm) at the
 positions that predict the answer tokens, plus ``reg_weight * mean(|alpha|)``, which pushes gates
 towards streaming wherever the model does not need the full context. AdamW updates the gates
 only; they are clamped to [0, 1] after each step (the reference clips at load time; clamping
-keeps the mix a convex combination throughout).
+keeps the mix a convex combination throughout). A step averages the gradients of ``batch_size``
+samples (default 1; under torchrun one per process, see :mod:`gate_training.distributed`).
 
 Learning rate: linear warm-up from ``lr_min`` to ``lr`` over the first ``warmup`` steps,
 constant, then linear decay back to ``lr_min`` over the last ``warmup`` steps (paper: 0.002 ->
@@ -15,11 +16,14 @@ constant, then linear decay back to ``lr_min`` over the last ``warmup`` steps (p
 Checkpoints (gates, optimizer, step, RNG states, loss history, elapsed time) are written every
 ``save_every`` steps into ``<work>/checkpoints``; ``resume`` continues from the latest one and
 gives the same gates as an uninterrupted run (data is a pure function of the seed and step).
+Checkpoints hold whole (unsharded) tensors, so a run may be resumed with another number of
+processes as long as ``batch_size`` stays the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gate_training import distributed
 from gate_training.config import GateTrainingError, TrainConfig
 from gate_training.data import PasskeySpec, build_passkey_dataset, eval_samples, load_haystack
 from gate_training.export import export_pattern, gate_stats
@@ -43,7 +48,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 _CKPT_GLOB = "step_*.pt"
 
-__all__ = ["lr_at", "GateTrainer", "TrainResult", "train"]
+__all__ = ["lr_at", "GatedModel", "GateTrainer", "TrainResult", "train"]
 
 
 def lr_at(step: int, *, steps: int, warmup: int, lr: float, lr_min: float) -> float:
@@ -71,6 +76,45 @@ class TrainResult:
     wall_time_s: float = 0.0
 
 
+class GatedModel(torch.nn.Module):
+    """The frozen causal LM and its gates as one module: what the trainer calls, and FSDP shards.
+
+    ``forward`` returns the final hidden states (fp32) at positions ``[start, end)`` of a single
+    sequence, ``mean(|gates|)`` and, with ``predict``, the LM head's argmax there. It points the
+    gated attention at ``self.gates`` for the call: in a multi-process run that is the parameter
+    FSDP has all-gathered for this forward (and keeps for the backward, recomputation included),
+    so the gates' gradient goes through FSDP's reduce-scatter like any other parameter's.
+    ``gates`` overrides them for one (evaluation) call. In one process this is exactly what the
+    trainer computed before the wrapper existed.
+    """
+
+    def __init__(self, model: torch.nn.Module, state: GateState):
+        super().__init__()
+        self.model = model
+        self.gates = state.gates
+        self.sharded = False  # set once FSDP shards this module
+        object.__setattr__(self, "_state", state)  # not a submodule
+
+    def forward(self, input_ids: torch.Tensor, start: int, end: int, gates: torch.Tensor | None = None,
+                predict: bool = False):
+        state = self._state
+        state.gates = self.gates if gates is None else gates
+        try:
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = hidden[0, start:end].float()
+            if self.sharded and hidden._is_view():  # FSDP hooks its outputs: no views (fp32 models)
+                hidden = hidden.clone()
+            reg = self.gates.abs().mean()
+            predicted = None
+            if predict:
+                head = self.model.get_output_embeddings()
+                with torch.no_grad():
+                    predicted = head(hidden.to(head.weight.dtype)).argmax(-1)
+        finally:
+            state.gates = self.gates
+        return hidden, reg, predicted
+
+
 class GateTrainer:
     """Set-up (all checks first), training loop, checkpoints and export for one run.
 
@@ -80,29 +124,69 @@ class GateTrainer:
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
         self.cfg = cfg
-        self.progress = progress
+        self.dist = distributed.from_env()
+        self.progress = progress and self.dist.is_main
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        self.batch_size = distributed.resolve_batch_size(cfg, self.dist)
+        self.per_rank = self.batch_size // self.dist.world_size
+        self._owns_group = False
+        if self.dist.enabled:  # the device decides the backend; checks that do not depend on the rank
+            self.device = distributed.resolve_device(cfg, self.dist)
+            self._owns_group = distributed.init_process_group(self.dist, self.device)
 
-        # 1. cheap checks: paths, haystack text, the model's config.json
+        # Set-up phases. In a multi-process run each ends with every rank agreeing on success (one
+        # error raised everywhere), and rank 0 goes first wherever files are written.
+        agree = functools.partial(distributed.agree, self.dist)
+        main = self.dist.is_main
+        # 1. cheap checks: paths, haystack text (fetched into the cache), the model's config.json
+        agree(self._check_paths, run=main)
+        # 2. tokenizer, held-out samples, the model routed through the gated attention
+        agree(lambda: self._setup_model(check_paths=not main))
+        if self.dist.enabled:  # 2b. shard the frozen model (and gates) with FSDP2, then probe
+            agree(self._shard)
+        # 3. the training table, written to disk only once everything above passed
+        agree(self._build_data, run=main)
+        checkpoint = agree(lambda: self._read_checkpoint(build_data=not main))
+
+        self._param = self.gated.gates  # the trained parameter (an FSDP shard in a multi-process run)
+        self.optimizer = torch.optim.AdamW(
+            [self._param], lr=cfg.lr_min, weight_decay=cfg.weight_decay
+        )
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        if checkpoint is not None:
+            self._apply_checkpoint(*checkpoint)
+        elif cfg.overwrite and main:
+            self._clear_checkpoints()
+
+    def _check_paths(self) -> None:
+        cfg = self.cfg
         preflight.check_output_dir(cfg)
-        checkpoint = self._find_checkpoint() if cfg.resume else None
-        if cfg.resume and checkpoint is None:
+        self._checkpoint_path = self._find_checkpoint() if cfg.resume else None
+        if cfg.resume and self._checkpoint_path is None:
             raise GateTrainingError(
                 f"--resume given but {cfg.checkpoint_dir} holds no checkpoint; run without --resume "
                 "(add --overwrite to replace the folder)"
             )
         load_haystack()
+
+    def _setup_model(self, check_paths: bool) -> None:
+        cfg = self.cfg
+        if check_paths:
+            self._check_paths()
         self.hf_config = preflight.read_model_config(cfg.model)
         self.max_context = preflight.resolve_context(cfg, self.hf_config)
-        self.device = preflight.resolve_device(cfg)
+        if not self.dist.enabled:
+            self.device = preflight.resolve_device(cfg)
         self.dtype = preflight.resolve_dtype(cfg, self.hf_config)
         self.streaming_impl = cfg.streaming if cfg.streaming != "auto" else (
             "flex" if self.device.type == "cuda" else "sdpa"
         )
         self.model_name = Path(cfg.model).expanduser().resolve().name
 
-        # 2. tokenizer and the held-out sample (passkeys that do not fit, samples too long)
+        # tokenizer and the held-out sample (passkeys that do not fit, samples too long)
         from transformers import AutoTokenizer
 
         try:
@@ -113,7 +197,7 @@ class GateTrainer:
                 "folder needs its tokenizer files"
             ) from None
         self.spec = PasskeySpec(
-            num_samples=cfg.steps,
+            num_samples=cfg.steps * self.batch_size,
             min_context=cfg.min_context,
             max_context=self.max_context,
             num_lengths=cfg.num_lengths,
@@ -125,32 +209,53 @@ class GateTrainer:
         self.eval_sample = self.eval_samples[-1]  # the longest
         self._check_length(max(len(s["input_ids"]) for s in self.eval_samples))
 
-        # 3. the model, routed through the gated attention
+        # the model, routed through the gated attention. Several processes load it on the CPU:
+        # FSDP moves it to the GPU shard by shard (no GPU ever holds the whole model).
         torch.manual_seed(cfg.seed)
-        self.model = preflight.load_frozen_model(cfg, self.hf_config, self.device, self.dtype)
+        load_device = torch.device("cpu") if self.dist.enabled else self.device
+        self.model = preflight.load_frozen_model(cfg, self.hf_config, load_device, self.dtype)
         try:
             self.state: GateState = install_gates(
                 self.model, sink=cfg.sink, recent=cfg.recent, streaming_impl=self.streaming_impl
             )
         except ValueError as exc:
             raise GateTrainingError(f"unsupported architecture: {exc}") from None
-        preflight.probe_gated_routing(self.model, self.state, self.device)
+        self.gated = GatedModel(self.model, self.state)
+        if not self.dist.enabled:
+            preflight.probe_gated_routing(self.model, self.state, self.device)
         self.decoder = self.model.base_model
 
-        # 4. the training table, written to disk only once everything above passed
-        self.dataset = build_passkey_dataset(self.tokenizer, self.spec, cfg.data_cache_dir)
+    def _shard(self) -> None:
+        layers = distributed.shard_model(self.gated, self.model, self.device, self.dist)
+        self.gated.sharded = True
+        self.state.gates = self.gated.gates
+        preflight.probe_gated_routing(
+            self.model, self.state, self.device, forward=lambda ids: self.gated(ids, 0, 0)
+        )
+        self.gated.reshard()
+        self._info("Sharded %s over %d processes (%s): %d decoder layers + root unit with the gates",
+                   self.model_name, self.dist.world_size, self.device.type, layers)
+
+    def _build_data(self) -> None:
+        self.dataset = build_passkey_dataset(self.tokenizer, self.spec, self.cfg.data_cache_dir)
         self._check_length(_longest(self.dataset))
 
-        self.optimizer = torch.optim.AdamW(
-            [self.state.gates], lr=cfg.lr_min, weight_decay=cfg.weight_decay
-        )
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
-        self.elapsed = 0.0
-        if checkpoint is not None:
-            self._load_checkpoint(checkpoint)
-        elif cfg.overwrite:
-            self._clear_checkpoints()
+    def _read_checkpoint(self, build_data: bool) -> tuple[Path, dict[str, Any]] | None:
+        if build_data:
+            self._build_data()
+        if self._checkpoint_path is None:
+            return None
+        return self._checkpoint_path, self._load_payload(self._checkpoint_path)
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it (multi-process runs; every rank)."""
+        if self._owns_group:
+            distributed.leave_process_group()
+            self._owns_group = False
+
+    def _info(self, *args) -> None:
+        if self.dist.is_main:
+            logger.info(*args)
 
     # ------------------------------------------------------------------ checks and identity
 
@@ -167,13 +272,10 @@ class GateTrainer:
         """The run-defining settings after 'auto' and defaults are resolved (stored in checkpoints)."""
         d = self.cfg.run_defining()
         d.update(max_context=self.max_context, dtype=str(self.dtype).replace("torch.", ""),
-                 streaming=self.streaming_impl)
+                 streaming=self.streaming_impl, batch_size=self.batch_size)
         return d
 
     # ------------------------------------------------------------------ losses
-
-    def _hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def _inputs(self, sample: dict[str, Any]) -> tuple[torch.Tensor, slice]:
         ids = torch.as_tensor(sample["input_ids"], dtype=torch.long, device=self.device).view(1, -1)
@@ -184,7 +286,7 @@ class GateTrainer:
         """Final hidden states of the unmodified model at the supervised positions (fp32)."""
         ids, sup = self._inputs(sample)
         with torch.no_grad(), self.state.teacher():
-            return self._hidden(ids)[0, sup].float()
+            return self.gated(ids, sup.start, sup.stop)[0]
 
     def losses(self, sample: dict[str, Any], *, grad: bool, teacher: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
@@ -193,9 +295,8 @@ class GateTrainer:
             teacher = self.teacher_hidden(sample)
         ids, sup = self._inputs(sample)
         with torch.set_grad_enabled(grad):
-            student = self._hidden(ids)[0, sup].float()
+            student, reg, _ = self.gated(ids, sup.start, sup.stop)
             distill = (student - teacher).pow(2).mean()
-            reg = self.state.gates.abs().mean()
             total = distill + self.cfg.reg_weight * reg
         return {"loss": total, "distill": distill, "reg": reg}
 
@@ -212,7 +313,7 @@ class GateTrainer:
         from duo_vllm.pattern import binarize
 
         samples = samples or self.eval_samples
-        gates = self.state.gates.detach().clone()
+        gates = self._full_gates().clone()
         g = gates.cpu().numpy()
         deploy = binarize(g, sparsity=self.cfg.sparsity)
         inverse = binarize(-g, sparsity=self.cfg.sparsity)  # highest of -g = lowest gates
@@ -222,30 +323,25 @@ class GateTrainer:
             "inverse": torch.from_numpy(inverse.astype(np.float32)),
             "all_streaming": torch.zeros_like(gates),
         }
-        head = self.model.get_output_embeddings()
         distill = {name: [] for name in candidates}
         accuracy = {name: [] for name in ["teacher", *candidates]}
 
-        def token_accuracy(hidden, sample):
-            with torch.no_grad():
-                predicted = head(hidden.to(head.weight.dtype)).argmax(-1)
+        def token_accuracy(predicted, sample):
             target = torch.as_tensor(sample["input_ids"][int(sample["answer_start"]):], device=predicted.device)
             return float((predicted == target).float().mean())
 
-        try:
-            for sample in samples:
-                teacher = self.teacher_hidden(sample)
-                accuracy["teacher"].append(token_accuracy(teacher, sample))
-                ids, sup = self._inputs(sample)
-                for name, candidate in candidates.items():
-                    with torch.no_grad():
-                        self.state.gates.copy_(candidate.to(self.state.gates.device))
-                        student = self._hidden(ids)[0, sup].float()
-                    distill[name].append(float((student - teacher).pow(2).mean()))
-                    accuracy[name].append(token_accuracy(student, sample))
-        finally:
-            with torch.no_grad():
-                self.state.gates.copy_(gates)
+        for sample in samples:
+            ids, sup = self._inputs(sample)
+            with torch.no_grad(), self.state.teacher():
+                teacher, _, predicted = self.gated(ids, sup.start, sup.stop, predict=True)
+            accuracy["teacher"].append(token_accuracy(predicted, sample))
+            for name, candidate in candidates.items():
+                with torch.no_grad():
+                    student, _, predicted = self.gated(
+                        ids, sup.start, sup.stop, gates=candidate.to(self.device), predict=True
+                    )
+                distill[name].append(float((student - teacher).pow(2).mean()))
+                accuracy[name].append(token_accuracy(predicted, sample))
         return {
             "samples": len(samples),
             "context_lengths": [int(s["context_length"]) for s in samples],
@@ -274,12 +370,13 @@ class GateTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
                    desc="gate training", unit="step", dynamic_ncols=True)
         if self.step == 0:
-            logger.info("Training %d x %d gates of %s on %s (%s, streaming=%s), %d steps",
-                        *self.state.gates.shape, self.model_name, self.device,
-                        str(self.dtype).replace("torch.", ""), self.streaming_impl, cfg.steps)
+            self._info("Training %d x %d gates of %s on %s (%s, streaming=%s), %d steps%s",
+                       *self._param.shape, self.model_name, self._where(),
+                       str(self.dtype).replace("torch.", ""), self.streaming_impl, cfg.steps,
+                       f" of {self.batch_size} samples" if self.batch_size > 1 else "")
         try:
             while self.step < last:
-                record = self._train_step(self.dataset[self.step])
+                record = self._train_step(self._step_samples(self.step))
                 self.elapsed = session_start + time.perf_counter() - started
                 record["elapsed_s"] = round(self.elapsed, 2)
                 self.history.append(record)
@@ -290,7 +387,7 @@ class GateTrainer:
                                 lr=f"{record['lr']:.4f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     stats = gate_stats(self._gates())
-                    logger.info(
+                    self._info(
                         "step %d/%d loss %.5f distill %.5f reg %.4f | gates mean %.3f min %.3f "
                         "max %.3f, %d/%d below 0.5 | %.2f s/step",
                         self.step, cfg.steps, record["loss"], record["distill"], record["reg"],
@@ -308,35 +405,72 @@ class GateTrainer:
                              history=list(self.history), wall_time_s=self.elapsed)
         if finished:
             result.evaluation = self.evaluate()
-            logger.info("Held-out evaluation: %s", json.dumps(result.evaluation))
-            result.pattern_path = self.export(result.evaluation)
+            self._info("Held-out evaluation: %s", json.dumps(result.evaluation))
+            if self.dist.is_main:
+                result.pattern_path = self.export(result.evaluation, gates=result.gates)
+        if self.dist.enabled:  # every rank returns once the pattern is written, and knows its path
+            import torch.distributed as dist
+
+            shared = [result.pattern_path]
+            dist.broadcast_object_list(shared, src=0)
+            result.pattern_path = shared[0]
         return result
 
-    def _train_step(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def _step_samples(self, step: int) -> list[dict[str, Any]]:
+        """This rank's share of step ``step``: samples ``step * batch_size + rank * per_rank + i``."""
+        first = step * self.batch_size + self.dist.rank * self.per_rank
+        return [self.dataset[first + i] for i in range(self.per_rank)]
+
+    def _train_step(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         cfg = self.cfg
         lr = lr_at(self.step, steps=cfg.steps, warmup=cfg.warmup, lr=cfg.lr, lr_min=cfg.lr_min)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        terms = self.losses(sample, grad=True)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        terms = []
+        for i, sample in enumerate(samples):
+            if self.dist.enabled:  # FSDP averages the accumulated gradient once, after the last
+                self.gated.set_requires_gradient_sync(i == len(samples) - 1)
+            sample_terms = self.losses(sample, grad=True)
+            loss = sample_terms["loss"]
+            (loss if len(samples) == 1 else loss / len(samples)).backward()
+            terms.append({k: float(v.detach()) for k, v in sample_terms.items()}
+                         | {"context_length": int(sample["context_length"])})
         self.optimizer.step()
         with torch.no_grad():
-            self.state.gates.clamp_(0.0, 1.0)
-        return {
+            self._param.clamp_(0.0, 1.0)
+        if self.dist.enabled:  # the step's samples of all ranks, in sample order (for the record)
+            import torch.distributed as dist
+
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.dist.world_size)]
+            dist.all_gather_object(gathered, terms)
+            terms = [t for rank_terms in gathered for t in rank_terms]
+        record = {
             "step": self.step + 1,
             "lr": lr,
-            "loss": float(terms["loss"].detach()),
-            "distill": float(terms["distill"].detach()),
-            "reg": float(terms["reg"].detach()),
-            "mean_alpha": float(self.state.gates.detach().mean()),
-            "context_length": int(sample["context_length"]),
+            "loss": _batch_mean(t["loss"] for t in terms),
+            "distill": _batch_mean(t["distill"] for t in terms),
+            "reg": terms[0]["reg"],
+            "mean_alpha": float(self._full_gates().mean()),
+            "context_length": max(t["context_length"] for t in terms),
             "step_s": round(time.perf_counter() - t0, 3),
         }
+        if len(terms) > 1:
+            record["context_lengths"] = [t["context_length"] for t in terms]
+        return record
+
+    def _full_gates(self) -> torch.Tensor:
+        """The whole gate tensor (detached; gathered from the ranks' shards in a multi-process run)."""
+        return distributed.full_tensor(self._param.detach())
 
     def _gates(self) -> np.ndarray:
-        return self.state.gates.detach().float().cpu().numpy().copy()
+        return self._full_gates().float().cpu().numpy().copy()
+
+    def _where(self) -> str:
+        if not self.dist.enabled:
+            return str(self.device)
+        return f"{self.dist.world_size} processes ({self.device.type}, FSDP2)"
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -349,15 +483,22 @@ class GateTrainer:
             path.unlink()
 
     def save_checkpoint(self) -> Path:
-        """Write ``step_NNNNNN.pt`` atomically; returns its path."""
+        """Write ``step_NNNNNN.pt`` atomically; returns its path.
+
+        In a multi-process run every rank must call it (the shards are gathered), rank 0 writes.
+        """
         folder = self.cfg.checkpoint_dir
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{self.step:06d}.pt"
+        gates = self._full_gates().cpu().clone()
+        optimizer = self._optimizer_state()
+        if not self.dist.is_main:
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "gates": self.state.gates.detach().cpu().clone(),
-            "optimizer": self.optimizer.state_dict(),
+            "gates": gates,
+            "optimizer": optimizer,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -372,29 +513,68 @@ class GateTrainer:
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)
-        logger.info("Checkpoint %s", path)
+        self._info("Checkpoint %s", path)
         return path
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict with whole tensors (gathered from the shards if sharded)."""
+        state = self.optimizer.state_dict()
+        if not self.dist.enabled:
+            return state
+        return {
+            "state": {
+                key: {name: distributed.full_tensor(value).cpu() if torch.is_tensor(value) else value
+                      for name, value in per_param.items()}
+                for key, per_param in state["state"].items()
+            },
+            "param_groups": state["param_groups"],
+        }
+
     def _load_checkpoint(self, path: Path) -> None:
+        self._apply_checkpoint(path, self._load_payload(path))
+
+    def _load_payload(self, path: Path) -> dict[str, Any]:
+        """Read ``path`` and check that it belongs to this run (settings, model)."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a corrupt file must give one clear message
             raise GateTrainingError(f"cannot read checkpoint {path} ({exc}); delete it or use --overwrite") from None
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise GateTrainingError(f"{path} has checkpoint format {payload.get('format')!r}; use --overwrite")
-        saved, now = payload["resolved"], self.resolved()
+        saved, now = dict(payload["resolved"]), self.resolved()
+        saved.setdefault("batch_size", 1)  # checkpoints from before batch_size existed
         diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            hint = ""
+            if "batch_size" in diff:
+                hint = (f" (--batch-size defaults to the number of processes: pass --batch-size "
+                        f"{diff['batch_size'][0]} to resume with {self.dist.world_size})")
             raise GateTrainingError(
                 f"cannot resume from {path}: the run was started with other settings ({detail}); "
-                "pass the same options, or --overwrite to start over"
+                f"pass the same options{hint}, or --overwrite to start over"
             )
         if payload["model_fingerprint"] != _fingerprint(self.hf_config):
             raise GateTrainingError(f"{path} was trained on another model; use --overwrite or another --out")
+        return payload
+
+    def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> None:
+        param = self._param
         with torch.no_grad():
-            self.state.gates.copy_(payload["gates"].to(self.state.gates.device))
-        self.optimizer.load_state_dict(payload["optimizer"])
+            param.copy_(distributed.like_param(payload["gates"], param))
+        optimizer = payload["optimizer"]
+        if self.dist.enabled:  # whole tensors -> this rank's shards (every rank read the same file)
+            optimizer = {
+                "state": {
+                    key: {name: distributed.like_param(value, param)
+                          if torch.is_tensor(value) and value.shape == param.shape else value
+                          for name, value in per_param.items()}
+                    for key, per_param in optimizer["state"].items()
+                },
+                "param_groups": optimizer["param_groups"],
+            }
+            self.gated.reshard()  # drop any gathered copy of the old gates
+        self.optimizer.load_state_dict(optimizer)
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -404,13 +584,18 @@ class GateTrainer:
         self.step = int(payload["step"])
         self.history = list(payload["history"])
         self.elapsed = float(payload["elapsed_s"])
-        logger.info("Resumed from %s at step %d/%d", path, self.step, self.cfg.steps)
+        self._info("Resumed from %s at step %d/%d", path, self.step, self.cfg.steps)
 
     # ------------------------------------------------------------------ export
 
-    def export(self, evaluation: dict[str, Any] | None = None) -> Path:
-        """Write the pattern (and the full training log into the work folder)."""
+    def export(self, evaluation: dict[str, Any] | None = None, gates: np.ndarray | None = None) -> Path:
+        """Write the pattern (and the full training log into the work folder).
+
+        ``gates``: the whole gate array (default: the current gates; in a multi-process run pass
+        them, since gathering them is a collective and only rank 0 exports).
+        """
         cfg = self.cfg
+        gates = self._gates() if gates is None else gates
         tail = self.history[-10:]
         provenance = {
             "trainer": "gate_training (duo-vllm)",
@@ -423,7 +608,7 @@ class GateTrainer:
                 "min_context": cfg.min_context,
                 "max_context": self.max_context,
                 "num_lengths": cfg.num_lengths,
-                "samples": cfg.steps,
+                "samples": cfg.steps * self.batch_size,
             },
             "training": {
                 "steps": self.step,
@@ -436,7 +621,8 @@ class GateTrainer:
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "gates_dtype": "float32",
                 "streaming_impl": self.streaming_impl,
-                "batch_size": 1,
+                "batch_size": self.batch_size,
+                **({"distributed": distributed.describe(self.dist)} if self.dist.enabled else {}),
             },
             "final_losses": {
                 "last10_mean_loss": _mean(r["loss"] for r in tail),
@@ -444,24 +630,32 @@ class GateTrainer:
                 "last10_mean_reg": _mean(r["reg"] for r in tail),
             },
             "heldout_eval": evaluation,
-            "gate_stats": gate_stats(self._gates(), cfg.sparsity),
+            "gate_stats": gate_stats(gates, cfg.sparsity),
             "wall_time_s": round(self.elapsed, 1),
             "seconds_per_step": round(self.elapsed / max(self.step, 1), 3),
-            "device": _device_name(self.device),
+            "device": _device_name(self.device) + (
+                f" x {self.dist.world_size} processes" if self.dist.enabled else ""),
             "versions": _versions(),
         }
         cfg.work_path.mkdir(parents=True, exist_ok=True)
         (cfg.work_path / "history.json").write_text(json.dumps(self.history, indent=1))
         return export_pattern(
-            cfg.out_path, self._gates(), hf_config=self.hf_config, model_name=self.model_name,
+            cfg.out_path, gates, hf_config=self.hf_config, model_name=self.model_name,
             sink=cfg.sink, recent=cfg.recent, sparsity=cfg.sparsity, provenance=provenance,
             overwrite=True,
         )
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Check everything, train, export: the Python equivalent of ``python -m gate_training``."""
-    return GateTrainer(cfg, progress=progress).train(stop_after=stop_after)
+    """Check everything, train, export: the Python equivalent of ``python -m gate_training``.
+
+    Under torchrun every process calls it; the process group is left at the end.
+    """
+    trainer = GateTrainer(cfg, progress=progress)
+    try:
+        return trainer.train(stop_after=stop_after)
+    finally:
+        trainer.close()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -478,6 +672,12 @@ def _longest(dataset) -> int:
     import pyarrow.compute as pc
 
     return int(pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py())
+
+
+def _batch_mean(values) -> float:
+    """Mean of a step's per-sample values (the value itself for batch 1)."""
+    values = list(values)
+    return values[0] if len(values) == 1 else float(np.mean(values))
 
 
 def _mean(values) -> float | None:
