@@ -16,6 +16,7 @@ import torch
 from duo_vllm.pattern import kv_to_query_heads
 
 ATTN_IMPLEMENTATION = "duo_reference"
+QUERY_CHUNK = 2048  # query rows per dense score matrix in the Hugging Face wrapper
 
 
 def duo_attention(
@@ -72,19 +73,21 @@ def _hf_duo_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and query.shape[0] > 1:
         raise ValueError("The DuoAttention reference runs unpadded sequences only: use batch size 1.")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    num_tokens, seq_len = query.shape[2], key.shape[2]
     outputs = []
     for b in range(query.shape[0]):
-        outputs.append(
-            duo_attention(
-                query[b].transpose(0, 1),
-                key[b].transpose(0, 1),
-                value[b].transpose(0, 1),
-                retrieval,
-                sink=module.duo_sink,
-                recent=module.duo_recent,
-                scale=scale,
-            )
-        )
+        q, k, v = (t[b].transpose(0, 1) for t in (query, key, value))
+        # Query chunks bound the dense score matrix ([Hq, QUERY_CHUNK, S] fp32) at long contexts;
+        # each chunk sees the keys up to its own last position, so the math is unchanged.
+        chunks = []
+        for start in range(0, num_tokens, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, num_tokens)
+            first = seq_len - num_tokens + start
+            keys_seen = seq_len - num_tokens + stop
+            chunks.append(duo_attention(q[start:stop], k[:keys_seen], v[:keys_seen], retrieval,
+                                        sink=module.duo_sink, recent=module.duo_recent, scale=scale,
+                                        q_offset=first))
+        outputs.append(torch.cat(chunks))
     return torch.stack(outputs), None
 
 

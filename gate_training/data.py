@@ -242,10 +242,13 @@ def build_passkey_dataset(tokenizer, spec: PasskeySpec, cache_dir: str | os.Path
     that consecutive steps see different lengths.
     """
     import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
 
+    key = _cache_key(tokenizer, spec)
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / f"passkeys-{_cache_key(tokenizer, spec)}"
+        folder = Path(cache_dir) / f"passkeys-{key}"
         if (folder / "dataset_info.json").is_file():
             logger.info("Loading cached passkey data from %s", folder)
             return datasets.load_from_disk(str(folder))
@@ -261,8 +264,13 @@ def build_passkey_dataset(tokenizer, spec: PasskeySpec, cache_dir: str | os.Path
         "passkey_positions": datasets.Sequence(datasets.Value("int32")),
         "sample_index": datasets.Value("int32"),
     })
-    table = {name: [row[name] for row in rows] for name in features}
-    dataset = datasets.Dataset.from_dict(table, features=features)
+    table = pa.Table.from_pydict({name: [row[name] for row in rows] for name in features},
+                                 schema=features.arrow_schema)
+    # Our content key is the fingerprint: datasets would otherwise hash the table state with dill,
+    # which fails on some Python/pyarrow pairs (Python 3.12 + pyarrow 25: "Can't pickle
+    # <class 'MonthDayNano'>"), and the key already names exactly what the rows depend on.
+    dataset = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
+                               fingerprint=key)
     if folder is not None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".passkeys-", dir=folder.parent))

@@ -269,3 +269,20 @@ def test_hook_rejects_wrong_layer_count(model):
     bad = np.ones((model.config.num_hidden_layers + 1, model.config.num_key_value_heads), dtype=bool)
     with pytest.raises(ValueError, match="layers"):
         use_duo_reference(model, bad, sink=4, recent=16)
+
+
+def test_hook_query_chunks_give_the_one_shot_logits(model, prompt_ids, monkeypatch):
+    """Long prompts run in query chunks (bounded score matrix): same logits as one chunk."""
+    import duo_vllm.reference as reference
+
+    mask = _pattern(model, False)
+    mask[1::2, 0] = True
+    use_duo_reference(model, mask, sink=4, recent=16)
+    one_shot = _logits(model, prompt_ids)
+    monkeypatch.setattr(reference, "QUERY_CHUNK", 7)  # not a divisor of the prompt length
+    chunked = _logits(model, prompt_ids)
+    torch.testing.assert_close(chunked, one_shot, atol=1e-4, rtol=0)
+    with torch.no_grad():  # and with a cache: queries are the last T of S positions
+        first = model(prompt_ids[:, :-20], use_cache=True)
+        second = model(prompt_ids[:, -20:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(second.logits, one_shot[:, -20:], atol=HF_ATOL, rtol=0)

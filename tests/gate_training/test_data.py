@@ -58,6 +58,21 @@ def test_cached_on_disk(smollm2_tokenizer, tmp_path):
     assert second.to_list() == first.to_list()
 
 
+def test_built_without_hashing_the_table(smollm2_tokenizer, tmp_path, monkeypatch):
+    """datasets' own fingerprint (a dill hash of the table state) breaks on some Python/pyarrow
+    pairs; the content key is the fingerprint instead, with or without the disk cache."""
+    import datasets.arrow_dataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("datasets hashed the table: pass the content key as fingerprint")
+
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", refuse)
+    first = build_passkey_dataset(smollm2_tokenizer, SPEC, tmp_path)
+    again = build_passkey_dataset(smollm2_tokenizer, SPEC, tmp_path)  # loaded from the cache
+    plain = build_passkey_dataset(smollm2_tokenizer, SPEC)
+    assert first.to_list() == again.to_list() == plain.to_list()
+
+
 def test_answers_are_the_inserted_passkeys(dataset, smollm2_tokenizer):
     tok = smollm2_tokenizer
     question = tok.encode(QUESTION, add_special_tokens=False)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Trains the shipped Qwen2.5-Coder-0.5B-Instruct pattern on one GPU, two seeds side by side
+# (so each seed's time is an upper bound of a run alone), then checks it (needle check, seed
+# agreement). Resumable: a phase cut off by a time limit continues from its last checkpoint.
+#
+#   bash scripts/gpu_train_qwen.sh train    # (again, to continue) -> $OUT/train_seed*.log
+#   bash scripts/gpu_train_qwen.sh check    # needle check + agreement -> $OUT/*.json
+#
+# Env: OUT (results), WORK (checkpoints; default /tmp/duo-train), TRAIN_SECONDS (time limit of
+# one train phase, default 520), DUO_VLLM_CACHE (haystack and converted model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.}
+WORK=${WORK:-/tmp/duo-train}
+SEEDS=(42 7)
+MODEL=$(python3 -c "from duo_vllm.testing.models import qwen_coder_path; print(qwen_coder_path())")
+TRAIN=(--model "$MODEL" --sink 64 --recent 256 --min-context 1024 --max-context 32000
+       --num-lengths 20 --num-passkeys 5 --passkey-length 16 --steps 400
+       --save-every 20 --log-every 20 --gradient-checkpointing --eval-samples 4)
+
+case "${1:-}" in
+train)
+    deadline=$(( $(date +%s) + ${TRAIN_SECONDS:-520} ))
+    train_seed() {  # one seed until the deadline; an early failure of the compiled flex path
+        local seed=$1 log="$OUT/train_seed$1.log" resume=()    # falls back to the sdpa path once
+        if [ -d "$WORK/seed$seed/work" ]; then resume=(--resume); fi
+        timeout -s INT $(( deadline - $(date +%s) )) python3 -m gate_training "${TRAIN[@]}" \
+            --seed "$seed" --out "$WORK/seed$seed" "${resume[@]}" >> "$log" 2>&1 && return 0
+        local rc=$?
+        if [ "$rc" != 124 ] && ! grep -q "step [0-9]*/" "$log"; then
+            echo "== flex path failed (rc $rc): retrying with --streaming sdpa" >> "$log"
+            timeout -s INT $(( deadline - $(date +%s) )) python3 -m gate_training "${TRAIN[@]}" \
+                --seed "$seed" --out "$WORK/seed$seed" --overwrite --streaming sdpa >> "$log" 2>&1
+        fi
+    }
+    for seed in "${SEEDS[@]}"; do train_seed "$seed" & done
+    wait || true
+    for seed in "${SEEDS[@]}"; do
+        grep -E "step [0-9]+/|Held-out|error" "$OUT/train_seed$seed.log" | tail -4 || true
+        if [ -f "$WORK/seed$seed/duo_pattern.json" ]; then
+            mkdir -p "$OUT/seed$seed" && cp "$WORK/seed$seed/duo_pattern.json" "$WORK/seed$seed/work/history.json" "$OUT/seed$seed/"
+        fi
+    done
+    ;;
+check)
+    for seed in "${SEEDS[@]}"; do
+        python3 -m gate_training.needle --model "$MODEL" --pattern "$WORK/seed$seed" --samples 4 \
+            --out "$OUT/needle_seed$seed.json"
+    done
+    python3 - "$WORK" "$OUT/seed_agreement.json" "${SEEDS[@]}" <<'PY'
+import json, sys
+from duo_vllm.pattern import load_pattern
+work, out, seeds = sys.argv[1], sys.argv[2], sys.argv[3:]
+masks = [load_pattern(f"{work}/seed{s}/duo_pattern.json").binarize(sparsity=0.5) for s in seeds]
+agree = int((masks[0] & masks[1]).sum())
+result = {"seeds": seeds, "sparsity": 0.5, "retrieval_heads": int(masks[0].sum()),
+          "shared_retrieval_heads": agree, "agreement": round(agree / int(masks[0].sum()), 4)}
+json.dump(result, open(out, "w"), indent=2)
+print(result)
+PY
+    ;;
+*)
+    echo "usage: $0 train|check" >&2; exit 2 ;;
+esac
