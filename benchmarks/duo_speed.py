@@ -1,12 +1,22 @@
-"""Time to first token and decode speed of DUO against stock FLASH_ATTN, same run, same GPU.
+"""DUO against stock FLASH_ATTN on one GPU, same run: time to first token, decode ms/token and
+throughput, each next to its floor.
 
-Llama-3-8B shape (dummy weights) with the published Llama-3-8B-Instruct-Gradient-1048k pattern
-at 50% retrieval; batch 1, greedy, prefix caching off. Stock runs with vLLM's defaults (torch
-compile + CUDA graphs); DUO runs eagerly (its streaming pass has no CUDA-graph support yet, see
-docs/backend.md), so this measures where the current correctness path stands, not the target.
-Floors (H100 SXM, 3.35 TB/s): decode = (weights + KV read per token) / bandwidth.
+Cases (random weights of the real shapes, ``load_format="dummy"``; the published patterns):
+  llama3-8b-gqa-50  Llama-3-8B, Llama-3-8B-Instruct-Gradient-1048k pattern at 50% retrieval:
+                    batch-1 TTFT and decode at 32K and 128K; throughput of 128 requests of 2K
+                    and of 32 requests of 32K (128 output tokens each).
+  llama2-7b-mha-25  Llama-2-7B (MHA), Llama-2-7B-32K-Instruct pattern at 25% retrieval: batch-1
+                    TTFT and decode at 32K and 64K (the config's 32K position limit is raised:
+                    random weights, so only speed and memory matter).
+Both engines use vLLM's defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs, chunked prefill)
+with the same capture sizes (1..256), prefix caching off, greedy, ignore_eos.
 
-    python benchmarks/duo_speed.py --patterns /path/to/duo-attention-patterns --out $OUT
+Floors (H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16): decode = (weights + KV bytes read
+per token) / bandwidth; prefill = (2 x parameters x tokens + attention FLOPs) / peak, where a
+streaming head's attention costs sink + recent keys per query; throughput = the same prefill
+floor for all prompts plus the decode floor per step at the batch size that fits.
+
+    python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT
     python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally
 """
 
@@ -22,108 +32,228 @@ from pathlib import Path
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kv_capacity import LLAMA3_8B, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+from kv_capacity import LLAMA2_7B, LLAMA3_8B, duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
-WEIGHTS = 16.06e9  # Llama-3-8B bf16 bytes
-KV_PER_TOKEN = 32 * 8 * 128 * 2 * 2  # layers x KV heads x head dim x (K, V) x bf16
+PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+OUTPUT_TOKENS = 128
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+CASES = {
+    "llama3-8b-gqa-50": dict(config=LLAMA3_8B, pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
+                             lengths=[32768, 131072], throughput=[(2048, 128), (32768, 32)]),
+    "llama2-7b-mha-25": dict(config={**LLAMA2_7B, "max_position_embeddings": 131072},
+                             pattern="Llama-2-7B-32K-Instruct", sparsity=0.75, lengths=[32768, 65536],
+                             throughput=[]),
+}
 
 
-def run(model: str, lengths: list[int], duo: dict | None, decode_tokens: int) -> dict:
+def parameters(config: dict) -> int:
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    d = config.get("head_dim", h // config["num_attention_heads"])
+    attn = h * config["num_attention_heads"] * d * 2 + h * config["num_key_value_heads"] * d * 2
+    embed = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attn + 3 * h * inter) + embed
+
+
+def floors(config: dict, report: dict, n: int) -> dict:
+    """Decode (bandwidth) and prefill (compute) floors at context n, stock and DUO."""
+    params = parameters(config)
+    layers, q_heads = config["num_hidden_layers"], config["num_attention_heads"]
+    d = config.get("head_dim", config["hidden_size"] // q_heads)
+    retrieval = report["retrieval_bytes_per_token"] / report["stock_bytes_per_token"]
+    window = report["streaming_window_tokens"]
+    attn_full = layers * q_heads * 2 * d * n * n  # causal: 4 d n^2 / 2 per head
+    attn_duo = retrieval * attn_full + (1 - retrieval) * layers * q_heads * 4 * d * n * window
+    return {
+        "stock_decode_ms": (2 * params + report["stock_bytes_per_token"] * n) / BANDWIDTH * 1e3,
+        "duo_decode_ms": (2 * params + report["retrieval_bytes_per_token"] * n
+                          + report["streaming_bytes_per_request"]) / BANDWIDTH * 1e3,
+        "stock_prefill_s": (2 * params * n + attn_full) / PEAK_FLOPS,
+        "duo_prefill_s": (2 * params * n + attn_duo) / PEAK_FLOPS,
+    }
+
+
+def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_update) -> dict:
     from vllm import LLM, SamplingParams
 
-    # Stock keeps vLLM's defaults (compile + CUDA graphs); DUO runs eagerly.
-    kwargs = engine_kwargs(model, max(lengths) + decode_tokens + 16, 0.9, duo, enable_prefix_caching=False,
-                           **({"enforce_eager": True} if duo is not None else {}))
+    max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
+    kwargs = engine_kwargs(model, max_len, 0.9, duo, enable_prefix_caching=False, max_num_seqs=256,
+                           compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     start = time.time()
     llm = LLM(**kwargs)
-    result = {"start_s": round(time.time() - start, 1), "lengths": {}}
-    for n in lengths:
-        prompt = synthetic_prompt(n)
+    result = {"start_s": round(time.time() - start, 1),
+              "kv_tokens": llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens,
+              "lengths": {}, "throughput": {}}
 
-        def timed(max_tokens: int, llm=llm, prompt=prompt) -> float:
-            t = time.perf_counter()
-            llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                                  detokenize=False), use_tqdm=False)
-            return time.perf_counter() - t
+    def generate(prompts, max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
 
-        timed(1)  # warm-up at this length
-        ttft = timed(1)
-        total = timed(decode_tokens + 1)
-        decode_ms = (total - ttft) / decode_tokens * 1000
-        result["lengths"][str(n)] = {"ttft_s": round(ttft, 3), "decode_ms_per_token": round(decode_ms, 2)}
+    generate([synthetic_prompt(4096)], 8)  # warm-up: kernels compiled for prefill and decode
+    for n in case["lengths"]:
+        ttft = generate([synthetic_prompt(n)], 1)
+        total = generate([synthetic_prompt(n)], decode_tokens + 1)
+        result["lengths"][str(n)] = {"ttft_s": round(ttft, 3),
+                                     "decode_ms_per_token": round((total - ttft) / decode_tokens * 1e3, 2)}
         print(("DUO" if duo else "stock"), n, result["lengths"][str(n)], flush=True)
+        on_update(result)
+    for n, count in case["throughput"]:
+        prompts = [synthetic_prompt(n, offset=i + 1) for i in range(count)]  # no shared prefix
+        wall = generate(prompts, OUTPUT_TOKENS)
+        result["throughput"][f"{count}x{n}"] = {
+            "wall_s": round(wall, 2), "output_tokens_per_s": round(count * OUTPUT_TOKENS / wall, 1),
+            "total_tokens_per_s": round(count * (n + OUTPUT_TOKENS) / wall, 1)}
+        print(("DUO" if duo else "stock"), f"{count}x{n}", result["throughput"][f"{count}x{n}"], flush=True)
+        on_update(result)
     llm.llm_engine.engine_core.shutdown(timeout=60)
-    del llm
     return result
 
 
+def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: int, duo: bool) -> float:
+    """Seconds: prefill of all prompts at peak compute, plus decode steps at the bandwidth floor
+    with as many requests per step as the KV pool holds (weights read once per step)."""
+    f = floors(config, report, n)
+    prefill = count * f["duo_prefill_s" if duo else "stock_prefill_s"]
+    per_request = (report["retrieval_bytes_per_token"] * n + report["streaming_bytes_per_request"]
+                   if duo else report["stock_bytes_per_token"] * n)
+    fits = max(1, min(count, kv_tokens // (n + OUTPUT_TOKENS)))
+    waves = -(-count // fits)
+    step = (2 * parameters(config) + fits * per_request) / BANDWIDTH
+    return prefill + waves * OUTPUT_TOKENS * step
+
+
+def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: list[str]) -> dict:
+    import torch
+
+    case = CASES[name]
+    model = model_dir(case["config"])
+    duo = {"pattern": str(Path(patterns) / case["pattern"]), "sparsity": case["sparsity"]}
+    max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
+    report = duo_report(engine_kwargs(model, max_len, 0.9, duo))
+    report["streaming_window_tokens"] = report["streaming_bytes_per_request"] // max(
+        1, report["stock_bytes_per_token"] - report["retrieval_bytes_per_token"])
+    results = {"device": torch.cuda.get_device_name(0), "case": name, "pattern": case["pattern"],
+               "sparsity": case["sparsity"],
+               "command": f"python benchmarks/duo_speed.py --case {name} --patterns PATTERNS --out OUT",
+               "duo_report": report, "floors": {}}
+    path = out / f"duo_speed_{name}.json"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(key, partial):
+        results[key] = partial
+        path.write_text(json.dumps(results, indent=2))
+
+    for n in case["lengths"]:
+        results["floors"][str(n)] = {k: round(v, 3) for k, v in floors(case["config"], report, n).items()}
+    if "stock" in backends:
+        save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r)))
+    if "duo" in backends:
+        save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r)))
+    for n, count in case["throughput"]:
+        key = f"{count}x{n}"
+        results["floors"][key] = {
+            f"{b}_wall_s": round(throughput_floor(case["config"], report, n, count, results[b]["kv_tokens"],
+                                                  b == "duo"), 2)
+            for b in backends if b in results}
+    path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"{results['case']} on {results['device']}",
+             f"{'context':>9} {'stock TTFT':>10} {'DUO TTFT':>9} {'x':>5} {'floor s/d':>12} "
+             f"{'stock dec':>9} {'DUO dec':>8} {'x':>5} {'floor s/d ms':>13}"]
+    s, d = results.get("stock", {}), results.get("duo", {})
+    for n, f in results["floors"].items():
+        if "x" in n:
+            continue
+        a, b = s.get("lengths", {}).get(n), d.get("lengths", {}).get(n)
+        if not (a and b):
+            continue
+        lines.append(f"{int(n) // 1024:>8}K {a['ttft_s']:>9.2f}s {b['ttft_s']:>8.2f}s {a['ttft_s'] / b['ttft_s']:>5.2f} "
+                     f"{f['stock_prefill_s']:>5.2f}/{f['duo_prefill_s']:<5.2f}s "
+                     f"{a['decode_ms_per_token']:>7.2f}ms {b['decode_ms_per_token']:>6.2f}ms "
+                     f"{a['decode_ms_per_token'] / b['decode_ms_per_token']:>5.2f} "
+                     f"{f['stock_decode_ms']:>6.2f}/{f['duo_decode_ms']:<6.2f}")
+    for key in s.get("throughput", {}):
+        a, b = s["throughput"][key], d.get("throughput", {}).get(key)
+        if b:
+            f = results["floors"].get(key, {})
+            lines.append(f"throughput {key}: stock {a['output_tokens_per_s']:.0f} out tok/s ({a['wall_s']} s, floor "
+                         f"{f.get('stock_wall_s')} s), DUO {b['output_tokens_per_s']:.0f} ({b['wall_s']} s, floor "
+                         f"{f.get('duo_wall_s')} s): {b['output_tokens_per_s'] / a['output_tokens_per_s']:.2f}x")
+    lines.append(f"KV capacity: stock {s.get('kv_tokens')} tokens, DUO {d.get('kv_tokens')}")
+    return "\n".join(lines)
+
+
 def plot(json_path: str) -> Path:
-    """PNG of TTFT and decode time per length, with the decode floors (needs .[bench])."""
+    """PNG per case: TTFT and decode per context with their floors, and throughput (needs .[bench])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = json.loads(Path(json_path).read_text())
-    lengths = list(results["stock"]["lengths"])
-    xs = list(range(len(lengths)))
-    fig, (ax_ttft, ax_dec) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for offset, key, label in ((-0.2, "stock", "stock FLASH_ATTN (graphs)"), (0.2, "duo", "DUO (eager)")):
-        runs = results[key]["lengths"]
-        ax_ttft.bar([x + offset for x in xs], [runs[n]["ttft_s"] for n in lengths], 0.4, label=label)
-        ax_dec.bar([x + offset for x in xs], [runs[n]["decode_ms_per_token"] for n in lengths], 0.4, label=label)
-    for key, style in (("stock_decode_ms", "k--"), ("duo_decode_ms", "k:")):
-        ax_dec.plot(xs, [results["floors"][n][key] for n in lengths], style,
-                    label=f"floor, {key.split('_')[0]}")
-    for ax, title in ((ax_ttft, "time to first token (s)"), (ax_dec, "decode (ms/token)")):
-        ax.set_xticks(xs, [f"{int(n) // 1024}K" for n in lengths])
-        ax.set_title(title, fontsize=9)
-    ax_dec.legend(fontsize=7)
-    fig.suptitle(f"Llama-3-8B shape, batch 1, {results['device']}", fontsize=9)
+    cases = results["cases"] if "cases" in results else {results["case"]: results}
+    fig, axes = plt.subplots(len(cases), 3, figsize=(12, 3.4 * len(cases)), squeeze=False)
+    for row, (name, r) in zip(axes, cases.items()):
+        lengths = list(r["stock"]["lengths"])
+        xs = range(len(lengths))
+        for ax, metric, floor_key, title in ((row[0], "ttft_s", "prefill_s", "time to first token (s)"),
+                                             (row[1], "decode_ms_per_token", "decode_ms", "decode, batch 1 (ms/token)")):
+            for offset, key in ((-0.2, "stock"), (0.2, "duo")):
+                ax.bar([x + offset for x in xs], [r[key]["lengths"][n][metric] for n in lengths], 0.4,
+                       label="stock FLASH_ATTN" if key == "stock" else "DUO")
+                ax.plot([x + offset for x in xs], [r["floors"][n][f"{key}_{floor_key}"] for n in lengths], "k_",
+                        markersize=18, label=f"floor ({key})" if key == "stock" else None)
+            ax.set_xticks(list(xs), [f"{int(n) // 1024}K" for n in lengths])
+            ax.set_title(f"{name}: {title}", fontsize=8)
+        row[0].legend(fontsize=7)
+        keys = list(r["stock"].get("throughput", {}))
+        if keys:
+            for offset, key in ((-0.2, "stock"), (0.2, "duo")):
+                row[2].bar([x + offset for x in range(len(keys))],
+                           [r[key]["throughput"][k]["output_tokens_per_s"] for k in keys], 0.4, label=key)
+            row[2].set_xticks(list(range(len(keys))), keys)
+            row[2].set_title(f"{name}: output tokens/s ({OUTPUT_TOKENS} per request)", fontsize=8)
+        else:
+            row[2].axis("off")
+    fig.suptitle(f"DUO vs stock FLASH_ATTN, {next(iter(cases.values()))['device']}", fontsize=9)
     fig.tight_layout()
     png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     return png
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine per-case files into --out/duo_speed.json")
+    parser.add_argument("--case", choices=sorted(CASES))
+    parser.add_argument("--backends", default="stock,duo")
     parser.add_argument("--patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--lengths", default="32768,131072")
     parser.add_argument("--decode-tokens", type=int, default=64)
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
         return
-    if not args.patterns:
-        parser.error("--patterns is required (the published DuoAttention pattern folders)")
-    import torch
-
-    lengths = [int(x) for x in args.lengths.split(",")]
-    model = model_dir(LLAMA3_8B)
-    duo = {"pattern": str(Path(args.patterns) / "Llama-3-8B-Instruct-Gradient-1048k"), "sparsity": 0.5}
-    results = {"device": torch.cuda.get_device_name(0),
-               "command": "python benchmarks/duo_speed.py --patterns PATTERNS --out OUT",
-               "stock": run(model, lengths, None, args.decode_tokens),
-               "duo": run(model, lengths, duo, args.decode_tokens), "floors": {}}
-    for n in lengths:
-        results["floors"][str(n)] = {
-            "stock_decode_ms": round((WEIGHTS + KV_PER_TOKEN * n) / BANDWIDTH * 1000, 2),
-            "duo_decode_ms": round((WEIGHTS + KV_PER_TOKEN * (n / 2 + 320 / 2)) / BANDWIDTH * 1000, 2),
-        }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "duo_speed.json").write_text(json.dumps(results, indent=2))
-    print(f"{'length':>8} {'stock TTFT':>11} {'DUO TTFT':>9} {'stock dec':>10} {'DUO dec':>8} {'floors':>14}")
-    for n in lengths:
-        s, d, f = results["stock"]["lengths"][str(n)], results["duo"]["lengths"][str(n)], results["floors"][str(n)]
-        print(f"{n:>8} {s['ttft_s']:>10.2f}s {d['ttft_s']:>8.2f}s {s['decode_ms_per_token']:>8.2f}ms "
-              f"{d['decode_ms_per_token']:>6.2f}ms {f['stock_decode_ms']:>6.2f}/{f['duo_decode_ms']:.2f}ms")
+    if args.merge:
+        cases = {json.loads(Path(p).read_text())["case"]: json.loads(Path(p).read_text()) for p in args.merge}
+        path = Path(args.out) / "duo_speed.json"
+        path.write_text(json.dumps({"cases": cases}, indent=2))
+        print(path)
+        return
+    if not (args.patterns and args.case):
+        parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
+    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, args.backends.split(","))
+    print(table(results))
 
 
 if __name__ == "__main__":

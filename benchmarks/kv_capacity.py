@@ -58,11 +58,12 @@ def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | N
     return kwargs
 
 
-def synthetic_prompt(num_tokens: int):
-    """A deterministic token-id prompt (dummy weights: the content does not matter)."""
+def synthetic_prompt(num_tokens: int, offset: int = 0):
+    """A deterministic token-id prompt (dummy weights: the content does not matter); prompts with
+    different offsets share no prefix."""
     from vllm.inputs import TokensPrompt
 
-    return TokensPrompt(prompt_token_ids=[(i * 7919) % 30000 + 100 for i in range(num_tokens)])
+    return TokensPrompt(prompt_token_ids=[((i + offset) * 7919) % 30000 + 100 for i in range(num_tokens)])
 
 
 def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None) -> dict:
