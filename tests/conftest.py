@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.helpers.engine import apply_vllm_env
+# Triton decides interpreted vs compiled for every @triton.jit function, its own standard library
+# (tl.zeros, ...) included, when that code is first imported: the CUDA path's kernels can only run
+# in the CPU interpreter (tests/duo_vllm/ops/test_triton_streaming.py) if this is set before
+# anything (vLLM included) imports triton. vLLM's CPU backend does not use Triton either way.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.helpers.engine import apply_vllm_env  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
