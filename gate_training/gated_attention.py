@@ -81,8 +81,10 @@ def _flex_attention():
     if _COMPILED_FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        # One compiled graph per distinct context length; the training data has up to
-        # `num_lengths` of them, above dynamo's default recompile limit of 8.
+        # Compiled for dynamic lengths: every training sample has its own context length, and a
+        # static graph per length recompiled on every step (measured on an H100: ~6 s/step for
+        # Qwen2.5-0.5B, almost all of it compiling). The raised limit covers the few graphs that
+        # dynamo still specialises (e.g. lengths 0/1 or divisibility guards).
         import torch._dynamo
 
         limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 256)
@@ -91,7 +93,7 @@ def _flex_attention():
             torch._dynamo.config.accumulated_recompile_limit = max(
                 torch._dynamo.config.accumulated_recompile_limit, 4 * limit
             )
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
     return _COMPILED_FLEX
 
 

