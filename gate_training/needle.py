@@ -80,6 +80,8 @@ def needle_check(
     from gate_training.data import PasskeySpec, make_sample
 
     model_path = Path(model_path)
+    if samples < 1 or num_passkeys < 1 or passkey_length < 1:
+        raise GateTrainingError("--samples, --num-passkeys and --passkey-length must be at least 1")
     if not (model_path / "config.json").is_file():
         raise GateTrainingError(f"{model_path} has no config.json: pass a local Hugging Face model folder")
     try:
@@ -121,6 +123,10 @@ def needle_check(
     spec = PasskeySpec(num_samples=samples, min_context=context, max_context=context, num_lengths=1,
                        num_passkeys=num_passkeys, passkey_length=passkey_length, seed=seed)
     data = [make_sample(tokenizer, spec, _NEEDLE_INDEX + k, context) for k in range(samples)]
+    longest = max(len(sample["input_ids"]) for sample in data)
+    if max_positions and longest > max_positions:
+        raise GateTrainingError(f"a sample takes {longest} tokens with its question and answer, more than "
+                                f"the model's {max_positions} positions: lower --context")
     masks = head_sets(pattern.gates, sparsity)
     per_set: dict[str, list[dict[str, float]]] = {name: [] for name in HEAD_SETS}
     started = time.perf_counter()

@@ -46,6 +46,8 @@ def test_errors_name_the_fix(smollm2, tiny_model_dirs, tmp_path):
         needle_check(smollm2, SHIPPED, context=300, device="cpu")
     with pytest.raises(GateTrainingError, match="layers"):  # a pattern of another model
         needle_check(tiny_model_dirs["llama"], SHIPPED, context=512, device="cpu")
+    with pytest.raises(GateTrainingError, match="at least 1"):
+        needle_check(smollm2, SHIPPED, samples=0, device="cpu")
     with pytest.raises(GateTrainingError, match="config.json"):
         needle_check(tmp_path, SHIPPED, device="cpu")
     assert main(["--model", smollm2, "--pattern", str(tmp_path / "missing.json")]) == 2
