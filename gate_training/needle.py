@@ -106,6 +106,8 @@ def needle_check(
     max_positions = int(getattr(config, "max_position_embeddings", 0) or 0)
     answer_room = num_passkeys * (passkey_length * 4 + 16) + 64  # question + answer tokens, generous
     if context is None:
+        if not max_positions:
+            raise GateTrainingError("the model config has no max_position_embeddings: pass --context")
         context = max_positions - answer_room
     if context <= sink + recent:
         raise GateTrainingError(f"--context {context} must exceed sink + recent ({sink + recent}), "
@@ -118,7 +120,6 @@ def needle_check(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
 
     spec = PasskeySpec(num_samples=samples, min_context=context, max_context=context, num_lengths=1,
                        num_passkeys=num_passkeys, passkey_length=passkey_length, seed=seed)
@@ -127,6 +128,7 @@ def needle_check(
     if max_positions and longest > max_positions:
         raise GateTrainingError(f"a sample takes {longest} tokens with its question and answer, more than "
                                 f"the model's {max_positions} positions: lower --context")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     masks = head_sets(pattern.gates, sparsity)
     per_set: dict[str, list[dict[str, float]]] = {name: [] for name in HEAD_SETS}
     started = time.perf_counter()
