@@ -310,17 +310,15 @@ class GateTrainer:
         predicts; ``teacher`` is the unmodified model. A useful pattern has deploy << inverse
         in loss and deploy close to teacher in accuracy.
         """
-        from duo_vllm.pattern import binarize
+        from gate_training.needle import head_sets
 
         samples = samples or self.eval_samples
         gates = self._full_gates().clone()
-        g = gates.cpu().numpy()
-        deploy = binarize(g, sparsity=self.cfg.sparsity)
-        inverse = binarize(-g, sparsity=self.cfg.sparsity)  # highest of -g = lowest gates
+        masks = head_sets(gates.cpu().numpy(), self.cfg.sparsity)
         candidates = {
             "trained": gates,
-            "deploy": torch.from_numpy(deploy.astype(np.float32)),
-            "inverse": torch.from_numpy(inverse.astype(np.float32)),
+            "deploy": torch.from_numpy(masks["pattern"].astype(np.float32)),
+            "inverse": torch.from_numpy(masks["inverse"].astype(np.float32)),
             "all_streaming": torch.zeros_like(gates),
         }
         distill = {name: [] for name in candidates}
