@@ -29,6 +29,8 @@ _HELP = {
     "num_lengths": "number of context-length intervals between min and max",
     "num_passkeys": "passkeys hidden per sample",
     "passkey_length": "words per passkey",
+    "haystack": "text the passkeys are hidden in: a UTF-8 text file or a folder of .txt files "
+                "(default: the Canterbury corpus)",
     "steps": "optimiser steps (batch 1); the paper uses 2000",
     "warmup": "warm-up and final-decay steps (default: 20%% of --steps)",
     "lr": "peak learning rate",

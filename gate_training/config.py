@@ -60,6 +60,9 @@ class TrainConfig:
         Context lengths are spread over this many equal intervals of [min, max].
     num_passkeys, passkey_length : int
         Passkeys per sample, and words per passkey.
+    haystack : str, optional
+        Text the passkeys are hidden in: a UTF-8 text file or a folder of ``*.txt`` files
+        (e.g. the kind of text the model will serve). Default: the Canterbury corpus.
     steps : int
         Optimiser steps (``batch_size`` samples each).
     warmup : int, optional
@@ -110,6 +113,7 @@ class TrainConfig:
     num_lengths: int = 50
     num_passkeys: int = 10
     passkey_length: int = 32
+    haystack: str | None = None
     steps: int = 2000
     warmup: int | None = None
     lr: float = 0.02
@@ -138,6 +142,10 @@ class TrainConfig:
             setattr(self, name, str(value))
         if self.work_dir is not None:
             self.work_dir = str(self.work_dir)
+        if self.haystack is not None:
+            if not isinstance(self.haystack, (str, Path)) or not str(self.haystack):
+                raise GateTrainingError(f"haystack must be a non-empty path, got {self.haystack!r}")
+            self.haystack = str(self.haystack)
 
         positive = ("sink", "recent", "min_context", "num_lengths", "num_passkeys",
                     "passkey_length", "steps", "log_every", "eval_samples")

@@ -11,8 +11,9 @@ Each sample is::
     "\\n\\nWhat are the pass keys in the text above? List them in order.\\nAnswer:"
     " The pass key 1 is: w1 .. wL. The pass key 2 is: ..."      <- supervised answer
 
-with the haystack cut from public-domain prose (``duo_vllm.testing.haystack``) at a random
-offset, passkeys inserted after a sentence end near random depths, and context lengths (haystack +
+with the haystack cut at a random offset from public-domain prose (``duo_vllm.testing.haystack``,
+the default) or from the user's own text files (``PasskeySpec.haystack``: e.g. code for a code
+model, so the gates learn which heads read far back in the text the model will serve), passkeys inserted after a sentence end near random depths, and context lengths (haystack +
 passkeys, before the question) drawn from ``num_lengths`` equal intervals of
 [min_context, max_context]. Every sample is a pure function of (seed, index), so a dataset is
 reproducible; it is cached on disk with ``Dataset.save_to_disk`` under a key of all the inputs.
@@ -32,7 +33,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ ANSWER_ITEM = " The pass key {number} is: {words}."
 _EVAL_INDEX = 1_000_003  # sample index of the held-out evaluation sample
 _SENTENCE_END = (".", "!", "?", "\n", ".'", ".\"", "?'", "!'")
 _SNAP_WINDOW = 96  # tokens searched after a depth for a sentence end to insert at
+MIN_PASSKEY_WORDS = 100  # distinct haystack words passkeys are drawn from, at least
 
 __all__ = [
     "DATA_VERSION",
@@ -57,6 +61,7 @@ __all__ = [
     "make_sample",
     "eval_sample",
     "eval_samples",
+    "describe_haystack",
     "load_haystack",
     "word_pool",
 ]
@@ -73,14 +78,19 @@ class PasskeySpec:
     num_passkeys: int = 10
     passkey_length: int = 32
     seed: int = 42
+    haystack: str | None = None  # text file or folder of *.txt; None: the Canterbury corpus
 
     def length_edges(self) -> np.ndarray:
         """``num_lengths + 1`` integer edges splitting [min_context, max_context] evenly."""
         return np.linspace(self.min_context, self.max_context, self.num_lengths + 1).round().astype(int)
 
 
-def load_haystack() -> str:
-    """The haystack text, or a :class:`GateTrainingError` saying how to provide it."""
+def load_haystack(path: str | os.PathLike | None = None) -> str:
+    """The haystack text: the files at ``path`` (a UTF-8 text file, or a folder whose ``*.txt``
+    files are read in name order), by default the Canterbury corpus. Raises
+    :class:`GateTrainingError` saying how to fix a missing, empty or undecodable haystack."""
+    if path is not None:
+        return _read_haystack(str(Path(path).expanduser().resolve()))
     from duo_vllm.testing.haystack import CANTERBURY_FILES, corpus_dir, haystack_text
 
     try:
@@ -90,9 +100,84 @@ def load_haystack() -> str:
         raise GateTrainingError(
             f"the haystack text is missing from {corpus_dir()} and could not be fetched from the "
             "package registry (`pip download --no-binary :all: brotli==1.2.1` failed). Run "
-            "`python -m duo_vllm.testing prepare` where the registry is reachable, or copy the "
-            f"Canterbury texts ({', '.join(CANTERBURY_FILES)}) into {corpus_dir()}"
+            "`python -m duo_vllm.testing prepare` where the registry is reachable, copy the "
+            f"Canterbury texts ({', '.join(CANTERBURY_FILES)}) into {corpus_dir()}, or pass your "
+            "own text with --haystack"
         ) from None
+
+
+@lru_cache(maxsize=4)
+def _read_haystack(path: str) -> str:
+    from duo_vllm.testing.haystack import normalise_text
+
+    where = Path(path)
+    if where.is_dir():
+        files = sorted(f for f in where.rglob("*.txt") if f.is_file())
+        if not files:
+            raise GateTrainingError(f"--haystack {path} is a folder without .txt files; put the text "
+                                    "in .txt files there or pass one text file")
+    elif where.is_file():
+        files = [where]
+    else:
+        raise GateTrainingError(f"--haystack {path} does not exist; pass a UTF-8 text file or a folder "
+                                "of .txt files (or leave it out for the Canterbury corpus)")
+    parts = []
+    for file in files:
+        try:
+            parts.append(normalise_text(file.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as exc:
+            raise GateTrainingError(f"haystack file {file} is not UTF-8 text (byte {exc.start}); convert "
+                                    "it (e.g. `iconv -t UTF-8`) or leave it out") from None
+        except OSError as exc:
+            raise GateTrainingError(f"cannot read haystack file {file} ({exc.strerror})") from None
+    text = "\n\n".join(p for p in parts if p)
+    if not text:
+        raise GateTrainingError(f"--haystack {path} holds no text")
+    pool = word_pool(text)
+    if len(pool) < MIN_PASSKEY_WORDS:
+        raise GateTrainingError(
+            f"--haystack {path} has {len(pool)} distinct words of 4-10 lowercase letters; passkeys "
+            f"are drawn from them and need at least {MIN_PASSKEY_WORDS}: give more (or more "
+            "varied) prose"
+        )
+    return text
+
+
+def describe_haystack(path: str | os.PathLike | None, tokenizer=None) -> dict[str, Any]:
+    """Provenance of a haystack: where it came from, a content hash, and its size."""
+    from duo_vllm.testing.haystack import BROTLI_SDIST
+
+    text = load_haystack(path)
+    info: dict[str, Any] = {
+        "source": (f"Canterbury corpus ({BROTLI_SDIST} sdist)" if path is None
+                   else str(Path(path).expanduser().resolve())),
+        "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "characters": len(text),
+    }
+    if tokenizer is not None:
+        info["tokens"] = len(corpus_ids(tokenizer, text))
+    return info
+
+
+# (id(tokenizer), id(text)) -> (tokenizer, text, ids). Holding both keeps their ids from being
+# reused by other objects while the entry exists, which would hand back the wrong token ids.
+_CORPUS_IDS: dict[tuple[int, int], tuple[object, str, Sequence[int]]] = {}
+
+
+def corpus_ids(tokenizer, text: str) -> Sequence[int]:
+    """Token ids of a haystack text (no special tokens), encoded once per tokenizer and text."""
+    key = (id(tokenizer), id(text))
+    entry = _CORPUS_IDS.get(key)
+    if entry is None or entry[0] is not tokenizer or entry[1] is not text:
+        from duo_vllm.testing.haystack import _encoded, haystack_text
+
+        try:
+            canterbury = text is haystack_text()
+        except (FileNotFoundError, OSError):
+            canterbury = False
+        ids = _encoded(tokenizer) if canterbury else tokenizer.encode(text, add_special_tokens=False)
+        entry = _CORPUS_IDS[key] = (tokenizer, text, ids)
+    return entry[2]
 
 
 _POOLS: dict[int, list[str]] = {}
@@ -106,12 +191,12 @@ def word_pool(text: str) -> list[str]:
     return _POOLS[key]
 
 
-_BOUNDARIES: dict[tuple[int, int], set[int]] = {}
+_BOUNDARIES: dict[tuple[int, int], set[int]] = {}  # ids stay alive in _CORPUS_IDS
 
 
-def _sentence_end_ids(tokenizer, ids: list[int]) -> set[int]:
-    """Token ids of the haystack whose text ends a sentence (cached per tokenizer)."""
-    key = (id(tokenizer), len(ids))
+def _sentence_end_ids(tokenizer, ids: Sequence[int]) -> set[int]:
+    """Token ids of the haystack whose text ends a sentence (cached per tokenizer and haystack)."""
+    key = (id(tokenizer), id(ids))
     if key not in _BOUNDARIES:
         unique = sorted(set(ids))
         texts = tokenizer.batch_decode([[i] for i in unique])
@@ -128,10 +213,8 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
 
     ``context_length`` overrides the length drawn from the sample's interval.
     """
-    from duo_vllm.testing.haystack import _encoded
-
-    text = load_haystack()
-    corpus = _encoded(tokenizer)
+    text = load_haystack(spec.haystack)
+    corpus = corpus_ids(tokenizer, text)
     pool = word_pool(text)
     rng = np.random.default_rng([spec.seed, index, DATA_VERSION])
     if context_length is None:
@@ -152,12 +235,12 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
     if hay_len > len(corpus):
         raise GateTrainingError(
             f"the haystack has {len(corpus)} tokens for this tokenizer, a {context_length}-token "
-            "context needs more; lower --max-context"
+            "context needs more; lower --max-context or pass a longer --haystack"
         )
     offset = int(rng.integers(0, len(corpus) - hay_len + 1))
     hay = list(corpus[offset:offset + hay_len])
 
-    ends = _sentence_end_ids(tokenizer, list(corpus))
+    ends = _sentence_end_ids(tokenizer, corpus)
     raw_depths = np.sort(rng.uniform(0.0, 1.0, size=spec.num_passkeys))
     cuts = []
     for depth in raw_depths:
@@ -218,12 +301,12 @@ def eval_samples(tokenizer, spec: PasskeySpec, count: int) -> list[dict[str, Any
 
 
 def _cache_key(tokenizer, spec: PasskeySpec) -> str:
-    from duo_vllm.testing.haystack import _encoded
-
-    corpus = _encoded(tokenizer)
+    corpus = corpus_ids(tokenizer, load_haystack(spec.haystack))
+    content = asdict(spec)
+    del content["haystack"]  # its path: the token hash below is what matters
     identity = {
         "version": DATA_VERSION,
-        "spec": asdict(spec),
+        "spec": content,
         "templates": [NEEDLE_TEMPLATE, QUESTION, ANSWER_ITEM],
         "tokenizer": {
             "name": Path(str(getattr(tokenizer, "name_or_path", ""))).name,

@@ -66,6 +66,7 @@ def needle_check(
     num_passkeys: int = 5,
     passkey_length: int = 16,
     seed: int = 0,
+    haystack: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
@@ -122,7 +123,8 @@ def needle_check(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     spec = PasskeySpec(num_samples=samples, min_context=context, max_context=context, num_lengths=1,
-                       num_passkeys=num_passkeys, passkey_length=passkey_length, seed=seed)
+                       num_passkeys=num_passkeys, passkey_length=passkey_length, seed=seed,
+                       haystack=None if haystack is None else str(haystack))
     data = [make_sample(tokenizer, spec, _NEEDLE_INDEX + k, context) for k in range(samples)]
     longest = max(len(sample["input_ids"]) for sample in data)
     if max_positions and longest > max_positions:
@@ -151,6 +153,7 @@ def needle_check(
         "num_passkeys": num_passkeys,
         "passkey_length": passkey_length,
         "seed": seed,
+        "haystack": "Canterbury corpus" if haystack is None else str(Path(haystack).expanduser().resolve()),
         "sparsity": sparsity,
         "sink": sink,
         "recent": recent,
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-passkeys", type=int, default=5)
     parser.add_argument("--passkey-length", type=int, default=16, help="words per passkey")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--haystack", help="UTF-8 text file or folder of .txt files the passkeys are hidden in "
+                                           "(default: the Canterbury corpus)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--out", help="write the result as JSON here")
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         result = needle_check(args.model, pattern, context=args.context, samples=args.samples,
                               sparsity=args.sparsity, sink=args.sink, recent=args.recent,
                               num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
-                              seed=args.seed, device=args.device, dtype=args.dtype)
+                              seed=args.seed, haystack=args.haystack, device=args.device, dtype=args.dtype)
     except GateTrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ import torch
 
 from gate_training import distributed
 from gate_training.config import GateTrainingError, TrainConfig
-from gate_training.data import PasskeySpec, build_passkey_dataset, eval_samples, load_haystack
+from gate_training.data import PasskeySpec, build_passkey_dataset, describe_haystack, eval_samples, load_haystack
 from gate_training.export import export_pattern, gate_stats
 from gate_training.gated_attention import GateState, install_gates
 from gate_training import preflight
@@ -170,7 +170,7 @@ class GateTrainer:
                 f"--resume given but {cfg.checkpoint_dir} holds no checkpoint; run without --resume "
                 "(add --overwrite to replace the folder)"
             )
-        load_haystack()
+        load_haystack(cfg.haystack)
 
     def _setup_model(self, check_paths: bool) -> None:
         cfg = self.cfg
@@ -204,6 +204,7 @@ class GateTrainer:
             num_passkeys=cfg.num_passkeys,
             passkey_length=cfg.passkey_length,
             seed=cfg.seed,
+            haystack=cfg.haystack,
         )
         self.eval_samples = eval_samples(self.tokenizer, self.spec, cfg.eval_samples)
         self.eval_sample = self.eval_samples[-1]  # the longest
@@ -272,7 +273,8 @@ class GateTrainer:
         """The run-defining settings after 'auto' and defaults are resolved (stored in checkpoints)."""
         d = self.cfg.run_defining()
         d.update(max_context=self.max_context, dtype=str(self.dtype).replace("torch.", ""),
-                 streaming=self.streaming_impl, batch_size=self.batch_size)
+                 streaming=self.streaming_impl, batch_size=self.batch_size,
+                 haystack=describe_haystack(self.cfg.haystack)["sha256"])
         return d
 
     # ------------------------------------------------------------------ losses
@@ -541,6 +543,8 @@ class GateTrainer:
             raise GateTrainingError(f"{path} has checkpoint format {payload.get('format')!r}; use --overwrite")
         saved, now = dict(payload["resolved"]), self.resolved()
         saved.setdefault("batch_size", 1)  # checkpoints from before batch_size existed
+        if self.cfg.haystack is None:  # ... or before --haystack (they used the Canterbury corpus)
+            saved.setdefault("haystack", now["haystack"])
         diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -600,7 +604,9 @@ class GateTrainer:
             "model_path": str(Path(cfg.model).expanduser().resolve()),
             "model": preflight.describe_model(self.hf_config),
             "data": {
-                "task": "multi-passkey retrieval in Canterbury-corpus prose",
+                "task": "multi-passkey retrieval in "
+                        + ("Canterbury-corpus prose" if cfg.haystack is None else "the user's haystack text"),
+                "haystack": describe_haystack(cfg.haystack, self.tokenizer),
                 "num_passkeys": cfg.num_passkeys,
                 "passkey_length_words": cfg.passkey_length,
                 "min_context": cfg.min_context,

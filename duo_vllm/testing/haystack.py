@@ -60,16 +60,18 @@ def fetch_corpus() -> Path:
     return target
 
 
+def normalise_text(raw: str) -> str:
+    """Paragraphs (blank-line separated) with their line breaks and runs of whitespace made single
+    spaces: hard-wrapped e-texts then read as prose, not as verse."""
+    paragraphs = [" ".join(p.split()) for p in raw.replace("\r\n", "\n").split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
 @lru_cache(maxsize=1)
 def haystack_text() -> str:
-    """All corpus texts joined by blank lines, whitespace-normalised within lines."""
+    """All corpus texts joined by blank lines, whitespace-normalised within paragraphs."""
     folder = fetch_corpus()
-    parts = []
-    for name in CANTERBURY_FILES:
-        raw = (folder / name).read_text(encoding="latin-1")
-        paragraphs = [" ".join(p.split()) for p in raw.split("\n\n")]
-        parts.append("\n\n".join(p for p in paragraphs if p))
-    return "\n\n".join(parts)
+    return "\n\n".join(normalise_text((folder / name).read_text(encoding="latin-1")) for name in CANTERBURY_FILES)
 
 
 def haystack_tokens(tokenizer, num_tokens: int, *, offset: int = 0) -> list[int]:

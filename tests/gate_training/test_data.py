@@ -106,3 +106,90 @@ def test_passkeys_that_do_not_fit_are_refused(smollm2_tokenizer):
     spec = PasskeySpec(num_samples=1, min_context=100, max_context=100, num_passkeys=10, passkey_length=32)
     with pytest.raises(GateTrainingError, match="lower --num-passkeys"):
         make_sample(smollm2_tokenizer, spec, 0)
+
+
+# ---------------------------------------------------------------- the user's own haystack
+
+def _own_text(words: int = 3000, seed: int = 0) -> str:
+    """Sentences of pseudo-words (a text no tokenizer has seen as prose), in paragraphs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocab = ["".join(rng.choice(letters, size=rng.integers(4, 9))) for _ in range(400)]
+    sentences = [" ".join(rng.choice(vocab, size=12)).capitalize() + "." for _ in range(words // 12)]
+    return "\n\n".join(" ".join(sentences[i:i + 5]) for i in range(0, len(sentences), 5))
+
+
+@pytest.fixture(scope="module")
+def own_haystack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("own-haystack")
+    (folder / "b.txt").write_text(_own_text(seed=2))
+    (folder / "a.txt").write_text(_own_text(seed=1))
+    (folder / "notes.md").write_text("not read: only .txt files are")
+    return folder
+
+
+def test_own_haystack_file_and_folder(own_haystack, smollm2_tokenizer, tmp_path):
+    from gate_training.data import describe_haystack, load_haystack
+
+    text = load_haystack(own_haystack)
+    # files in name order, paragraphs kept, other extensions ignored
+    assert text.startswith(_own_text(seed=1).split("\n\n")[0]) and "not read" not in text
+    assert text.index(_own_text(seed=2)[:80]) > text.index(_own_text(seed=1)[:80])
+    spec = PasskeySpec(**{**SPEC.__dict__, "haystack": str(own_haystack)})
+    sample = make_sample(smollm2_tokenizer, spec, 0)
+    haystack_ids = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    first_needle = sample["passkey_positions"][0]
+    # the context before the first passkey is a contiguous stretch of this text
+    head = sample["input_ids"][:first_needle]
+    assert len(head) > 0 and any(haystack_ids[i:i + len(head)] == head for i in range(len(haystack_ids) - len(head) + 1))
+    assert all(w in text for key in sample["passkeys"] for w in key.split())  # passkey words from it too
+    assert make_sample(smollm2_tokenizer, spec, 0) == sample
+    single = tmp_path / "one.txt"
+    single.write_text(_own_text(seed=1))
+    assert load_haystack(single) == _own_text(seed=1)
+    info = describe_haystack(own_haystack, smollm2_tokenizer)
+    assert info["source"] == str(own_haystack.resolve()) and info["tokens"] == len(haystack_ids)
+    assert describe_haystack(None)["source"].startswith("Canterbury corpus")
+
+
+def test_dataset_key_follows_the_haystack_content_not_its_path(own_haystack, smollm2_tokenizer, tmp_path):
+    import shutil
+
+    spec = PasskeySpec(**{**SPEC.__dict__, "haystack": str(own_haystack)})
+    own = build_passkey_dataset(smollm2_tokenizer, spec, tmp_path / "cache")
+    copy = tmp_path / "copy"
+    shutil.copytree(own_haystack, copy)
+    moved = build_passkey_dataset(smollm2_tokenizer, PasskeySpec(**{**spec.__dict__, "haystack": str(copy)}),
+                                  tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("passkeys-*"))) == 1  # same content: reused
+    assert moved.to_list() == own.to_list()
+    default = build_passkey_dataset(smollm2_tokenizer, SPEC, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("passkeys-*"))) == 2
+    assert default["input_ids"] != own["input_ids"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "absent.txt", "does not exist; pass a UTF-8 text file or a folder"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "is a folder without .txt files"),
+    (lambda d: (d / "blank.txt").write_text("\n \n\n") and d / "blank.txt", "holds no text"),
+    (lambda d: (d / "latin.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin.txt",
+     "is not UTF-8 text \\(byte 3\\); convert it"),
+    (lambda d: (d / "few.txt").write_text("alpha beta gamma delta. " * 500) and d / "few.txt",
+     "has 4 distinct words .* need at least 100"),
+])
+def test_bad_haystack_refused(make, message, tmp_path):
+    from gate_training.data import load_haystack
+
+    with pytest.raises(GateTrainingError, match=message):
+        load_haystack(make(tmp_path))
+
+
+def test_haystack_too_short_for_the_context(smollm2_tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(_own_text(words=240))
+    spec = PasskeySpec(num_samples=1, min_context=4000, max_context=4000, num_passkeys=2, passkey_length=4,
+                       haystack=str(short))
+    with pytest.raises(GateTrainingError, match="lower --max-context or pass a longer --haystack"):
+        make_sample(smollm2_tokenizer, spec, 0)

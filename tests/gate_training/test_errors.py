@@ -167,11 +167,19 @@ def test_cli_reports_errors_in_one_line(smollm2, tmp_path, capsys):
     assert err[-1].startswith("error: output folder") and "--overwrite" in err[-1]
 
 
+def test_cli_refuses_a_missing_haystack_before_training(smollm2, tmp_path, capsys):
+    code = main(["--model", smollm2, "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress",
+                 "--haystack", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: --haystack") and "does not exist" in err[-1]
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--out", "--steps", "--min-context", "--max-context", "--sink", "--recent",
                  "--seed", "--overwrite", "--resume", "--device", "--dtype", "--save-every",
-                 "--gradient-checkpointing", "--stop-after"):
+                 "--gradient-checkpointing", "--stop-after", "--haystack"):
         assert flag in text

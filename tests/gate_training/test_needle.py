@@ -50,4 +50,6 @@ def test_errors_name_the_fix(smollm2, tiny_model_dirs, tmp_path):
         needle_check(smollm2, SHIPPED, samples=0, device="cpu")
     with pytest.raises(GateTrainingError, match="config.json"):
         needle_check(tmp_path, SHIPPED, device="cpu")
+    with pytest.raises(GateTrainingError, match="--haystack .* does not exist"):
+        needle_check(smollm2, SHIPPED, context=512, haystack=tmp_path / "absent", device="cpu")
     assert main(["--model", smollm2, "--pattern", str(tmp_path / "missing.json")]) == 2

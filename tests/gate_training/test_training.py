@@ -127,3 +127,28 @@ def test_tiny_qwen2_and_mistral_train_end_to_end(tiny_model_dirs, tmp_path):
         result = GateTrainer(cfg, progress=False).train()
         assert result.finished and result.gates.shape == (2, 2)
         assert load_pattern(tmp_path / family).num_kv_heads == 2
+
+
+def test_own_haystack_trains_and_is_recorded(tiny_model_dirs, tmp_path):
+    """--haystack: samples come from the user's text, the pattern records where from, and a
+    resume with another text is refused (the data would change under the run)."""
+    import json
+
+    from tests.gate_training.test_data import _own_text
+
+    text = tmp_path / "own.txt"
+    text.write_text(_own_text(words=4000))
+    model = tiny_model_dirs["llama"]  # random weights: this is about the data, not the gates
+    own = dict(steps=2, warmup=0, save_every=1, passkey_length=4, min_context=240, max_context=400, dtype="float32")
+    cfg = _config(model, tmp_path / "own", haystack=str(text), **own)
+    trainer = GateTrainer(cfg, progress=False)
+    assert trainer.spec.haystack == str(text)
+    result = trainer.train()
+    assert result.finished
+    provenance = json.loads((tmp_path / "own" / "duo_pattern.json").read_text())["provenance"]["data"]
+    assert provenance["haystack"]["source"] == str(text.resolve())
+    assert "user's haystack" in provenance["task"]
+    other = tmp_path / "other.txt"
+    other.write_text(_own_text(words=4000, seed=9))
+    with pytest.raises(GateTrainingError, match="haystack: checkpoint"):
+        GateTrainer(_config(model, tmp_path / "own", haystack=str(other), resume=True, **own), progress=False)
