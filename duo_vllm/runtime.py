@@ -110,12 +110,23 @@ def build_runtime(
     total_kv_heads: int,
     tp_size: int = 1,
     tp_rank: int = 0,
+    checkpoint_config=None,
 ) -> DuoRuntime:
+    """The runtime of one served model.
+
+    ``checkpoint_config`` is the model's config as its checkpoint states it, when the served
+    ``hf_config`` differs from it (``--hf-overrides``, e.g. a longer ``max_position_embeddings``
+    with RoPE scaling to extend the context): the weights, and so their heads' roles, are the
+    same, so a pattern fingerprinted on the checkpoint's config still applies.
+    """
     fingerprint = model_fingerprint(hf_config)
+    fingerprints = [fingerprint]
+    if checkpoint_config is not None and model_fingerprint(checkpoint_config) != fingerprint:
+        fingerprints.append(model_fingerprint(checkpoint_config))
     if duo_config.pattern is not None:
         pattern = load_pattern(duo_config.pattern)
     else:
-        pattern = find_shipped_pattern(model_name, fingerprint)
+        pattern = next(filter(None, (find_shipped_pattern(model_name, f) for f in fingerprints)), None)
         if pattern is None:
             raise PatternError(
                 f"No DuoAttention pattern ships for model {model_name!r} (config fingerprint "
@@ -123,6 +134,10 @@ def build_runtime(
                 f"--out patterns/NAME`, or pass an existing one with "
                 f"--additional-config '{{\"duo\": {{\"pattern\": \"/path/to/pattern\"}}}}'."
             )
+    if pattern.model_fingerprint is not None and pattern.model_fingerprint in fingerprints[1:]:
+        logger.info("DUO pattern %s matches %s's checkpoint config; serving it with the config "
+                    "changed by --hf-overrides (same weights)", pattern.model_name, model_name)
+        fingerprint = pattern.model_fingerprint
     validate_for_model(
         pattern, num_layers=num_layers, num_kv_heads=total_kv_heads,
         fingerprint=fingerprint, model_name=model_name,
@@ -141,6 +156,23 @@ def build_runtime(
 
 
 _RUNTIMES: dict[str, DuoRuntime] = {}
+
+
+def _checkpoint_config(model_config):
+    """The model's (text) config before ``--hf-overrides``; None without overrides or when it
+    cannot be read again (then only the served config is matched)."""
+    if not model_config.hf_overrides:
+        return None
+    try:
+        from vllm.transformers_utils.config import get_config
+
+        config = get_config(model_config.hf_config_path or model_config.model, model_config.trust_remote_code,
+                            getattr(model_config, "_hf_config_revision", None) or model_config.revision,
+                            model_config.code_revision, model_config.config_format)
+        return config.get_text_config()
+    except Exception as exc:  # noqa: BLE001 - best effort: the served config is still matched
+        logger.debug("cannot re-read %s's config without --hf-overrides: %s", model_config.model, exc)
+        return None
 
 
 def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
@@ -166,6 +198,7 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         total_kv_heads=model_config.get_total_num_kv_heads(),
         tp_size=parallel.tensor_parallel_size,
         tp_rank=tp_rank,
+        checkpoint_config=_checkpoint_config(model_config),
     )
     logger.info(runtime.summary(model_config.max_model_len))
     if vllm_config.cache_config.block_size:

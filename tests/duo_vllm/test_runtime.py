@@ -241,6 +241,26 @@ def test_fingerprint_mismatch(tmp_path, hf_config):
         build(DuoConfig(pattern=path, sparsity=0.5), hf_config)
 
 
+def test_context_extended_by_overrides_keeps_the_checkpoint_pattern(tmp_path, monkeypatch):
+    """--hf-overrides that lengthen max_position_embeddings (RoPE scaling) change the served
+    config's fingerprint but not the weights: the pattern of the checkpoint's config applies,
+    given explicitly or found among the shipped ones; another model's pattern is still refused."""
+    checkpoint = dict(SMOLLM2_CONFIG)
+    served = dict(SMOLLM2_CONFIG, max_position_embeddings=131072)
+    path = saved_pattern(tmp_path / "pat" / "SmolLM2-135M-Instruct", random_gates(14), hf_config=checkpoint)
+    with pytest.raises(PatternError, match="fingerprint"):
+        build(DuoConfig(pattern=path, sparsity=0.5), served)
+    runtime = build(DuoConfig(pattern=path, sparsity=0.5), served, checkpoint_config=checkpoint)
+    np.testing.assert_array_equal(runtime.pattern.gates, random_gates(14))
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(tmp_path / "pat"))
+    found = build(DuoConfig(sparsity=0.5), served, model_name="some/fine-tune", checkpoint_config=checkpoint)
+    np.testing.assert_array_equal(found.pattern.gates, random_gates(14))
+    other = dict(SMOLLM2_CONFIG, vocab_size=32000)
+    with pytest.raises(PatternError, match="fingerprint"):
+        build(DuoConfig(pattern=path, sparsity=0.5), dict(other, max_position_embeddings=131072),
+              checkpoint_config=other)
+
+
 def test_missing_pattern_path(tmp_path, hf_config):
     with pytest.raises(PatternError, match="does not exist"):
         build(DuoConfig(pattern=str(tmp_path / "nope"), sparsity=0.5), hf_config)

@@ -261,3 +261,23 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
         free_at_end = pool.get_num_free_blocks()
     assert aborted > 50
     assert free_at_end == free_at_start
+
+
+def test_auto_fit_max_model_len_counts_the_streaming_peak(smollm2, pattern, smollm2_tokenizer):
+    """``max_model_len=-1`` (vLLM's auto-fit) on a context extended with ``hf_overrides``: vLLM
+    fits the between-steps footprint; DUO lowers that to the longest request whose peak (with a
+    4096-token prefill chunk of streaming blocks in flight) fits, instead of refusing to start.
+    In this small pool that chunk costs a third of it, yet DUO still fits a longer request than
+    stock's auto-fit gets from the same memory."""
+    from duo_vllm.kv_cache.grouping import peak_blocks_for_one_request
+
+    with duo_engine(smollm2, pattern, 0.5, max_model_len=-1, max_num_batched_tokens=4096,
+                    hf_overrides={"max_position_embeddings": 65536}) as llm:
+        fitted = llm.llm_engine.vllm_config.model_config.max_model_len
+        config = scheduler_of(llm).kv_cache_config
+        out = llm.generate([{"prompt_token_ids": list(range(1000, 1300))}], _greedy(), use_tqdm=False)[0]
+    assert peak_blocks_for_one_request(config, fitted) <= config.num_blocks
+    assert peak_blocks_for_one_request(config, fitted + 1) > config.num_blocks  # the longest
+    stock_tokens = KV_BYTES // (30 * 3 * 64 * 2 * 4)  # SmolLM2 fp32: 46,080 B per token
+    assert 1.15 * stock_tokens < fitted < 65536, (fitted, stock_tokens)
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS
