@@ -11,12 +11,19 @@ Cases (random weights of the real shapes, ``load_format="dummy"``; the published
 Both engines use vLLM's defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs, chunked prefill)
 with the same capture sizes (1..256), prefix caching off, greedy, ignore_eos.
 
-Floors (H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16): decode = (weights + KV bytes read
-per token) / bandwidth; prefill = (2 x parameters x tokens + attention FLOPs) / peak, where a
-streaming head's attention costs sink + recent keys per query; throughput = the same prefill
-floor for all prompts plus the decode floor per step at the batch size that fits.
+Floors (the device's HBM bandwidth and dense bf16 peak, ``DEVICES``; e.g. H100 SXM 3.35 TB/s and
+989 TFLOP/s, H200 4.8 TB/s and 989 TFLOP/s): decode = (weights + KV bytes read per token) /
+bandwidth; prefill = (2 x parameters x tokens + attention FLOPs) / peak, where a streaming head's
+attention costs sink + recent keys per query; throughput = the same prefill floor for all prompts
+plus the decode floor per step at the batch size that fits.
+
+``--longest``: each engine starts with ``--max-model-len -1`` (vLLM's auto-fit; DUO lowers it to
+what one request needs at its peak) on the shape with its position limit raised, which gives the
+longest context each can hold; batch-1 TTFT and decode are then measured at that length (less the
+output) when its prefill floor is within ``--longest-budget-s``, else only the length is recorded.
 
     python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT
+    python benchmarks/duo_speed.py --case llama2-7b-mha-25 --patterns PATTERNS --out $OUT --longest
     python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally
 """
 
@@ -37,8 +44,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from kv_capacity import LLAMA2_7B, LLAMA3_8B, duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
-BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
-PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
+# name fragment of torch.cuda.get_device_name() -> (HBM bytes/s, dense bf16 FLOP/s); first match wins
+DEVICES = {
+    "H100 PCIe": (2.0e12, 756e12),
+    "H100 NVL": (3.9e12, 835e12),
+    "H100": (3.35e12, 989e12),  # SXM, HBM3
+    "H200": (4.8e12, 989e12),
+    "A100-SXM4-80GB": (2.039e12, 312e12),
+    "A100 80GB PCIe": (1.935e12, 312e12),
+}
+BANDWIDTH, PEAK_FLOPS = DEVICES["H100"]  # set for the device in main()
+LONGEST_POSITIONS = 4 * 1024 * 1024  # position limit given to the shapes for --longest
 OUTPUT_TOKENS = 128
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -115,6 +131,41 @@ def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_upd
     return result
 
 
+def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int, budget_s: float,
+                    report: dict) -> dict:
+    """The longest context the engine can hold (auto-fit), and batch-1 TTFT/decode there."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = engine_kwargs(model, -1, 0.9, duo, enable_prefix_caching=False, max_num_seqs=8,
+                           hf_overrides={"max_position_embeddings": LONGEST_POSITIONS},
+                           compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
+    llm = LLM(**kwargs)
+    config = llm.llm_engine.vllm_config
+    longest = config.model_config.max_model_len
+    n = longest - decode_tokens - 2
+    result = {"max_model_len": longest, "kv_tokens": config.cache_config.kv_cache_size_tokens,
+              "context": n, "prefill_floor_s": round(floors(case["config"], report, n)["duo_prefill_s" if duo
+                                                                                        else "stock_prefill_s"], 1)}
+    if result["prefill_floor_s"] * 1.6 > budget_s:
+        result["skipped"] = (f"prefill of {n} tokens: floor {result['prefill_floor_s']} s, expected over the "
+                             f"{budget_s:.0f} s budget (--longest-budget-s)")
+    else:
+        params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, detokenize=False)
+        first = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, detokenize=False)
+        llm.generate([synthetic_prompt(4096)], first, use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        llm.generate([synthetic_prompt(n)], first, use_tqdm=False)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate([synthetic_prompt(n, offset=1)], params, use_tqdm=False)
+        total = time.perf_counter() - t
+        result.update(ttft_s=round(ttft, 2), decode_ms_per_token=round((total - ttft) / decode_tokens * 1e3, 2))
+        result["floors"] = {k: round(v, 3) for k, v in floors(case["config"], report, n).items()}
+    print(("DUO" if duo else "stock"), "longest", result, flush=True)
+    llm.llm_engine.engine_core.shutdown(timeout=60)
+    return result
+
+
 def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: int, duo: bool) -> float:
     """Seconds: prefill of all prompts at peak compute, plus decode steps at the bandwidth floor
     with as many requests per step as the KV pool holds (weights read once per step)."""
@@ -128,7 +179,8 @@ def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: 
     return prefill + waves * OUTPUT_TOKENS * step
 
 
-def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: list[str]) -> dict:
+def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: list[str],
+             longest_budget_s: float | None = None) -> dict:
     import torch
 
     case = CASES[name]
@@ -140,15 +192,23 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
         1, report["stock_bytes_per_token"] - report["retrieval_bytes_per_token"])
     results = {"device": torch.cuda.get_device_name(0), "case": name, "pattern": case["pattern"],
                "sparsity": case["sparsity"],
-               "command": f"python benchmarks/duo_speed.py --case {name} --patterns PATTERNS --out OUT",
+               "command": f"python benchmarks/duo_speed.py --case {name} --patterns PATTERNS --out OUT"
+                          + (" --longest" if longest_budget_s is not None else ""),
+               "device_floors": {"bandwidth_bytes_per_s": BANDWIDTH, "peak_bf16_flops": PEAK_FLOPS},
                "duo_report": report, "floors": {}}
-    path = out / f"duo_speed_{name}.json"
+    path = out / f"duo_speed_{name}{'_longest' if longest_budget_s is not None else ''}.json"
     out.mkdir(parents=True, exist_ok=True)
 
     def save(key, partial):
         results[key] = partial
         path.write_text(json.dumps(results, indent=2))
 
+    if longest_budget_s is not None:
+        for backend in backends:
+            results.setdefault("longest", {})[backend] = measure_longest(
+                model, case, duo if backend == "duo" else None, decode_tokens, longest_budget_s, report)
+            path.write_text(json.dumps(results, indent=2))
+        return results
     for n in case["lengths"]:
         results["floors"][str(n)] = {k: round(v, 3) for k, v in floors(case["config"], report, n).items()}
     if "stock" in backends:
@@ -166,6 +226,14 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
 
 
 def table(results: dict) -> str:
+    if "longest" in results:
+        lines = [f"{results['case']} on {results['device']}: the longest context each engine holds"]
+        for backend, r in results["longest"].items():
+            measured = (f"TTFT {r['ttft_s']} s (floor {r['floors'][f'{backend}_prefill_s']}), decode "
+                        f"{r['decode_ms_per_token']} ms/token (floor {r['floors'][f'{backend}_decode_ms']:.2f})"
+                        if "ttft_s" in r else r.get("skipped", ""))
+            lines.append(f"{backend:>5}: max_model_len {r['max_model_len']:,}, KV {r['kv_tokens']:,} tokens; {measured}")
+        return "\n".join(lines)
     lines = [f"{results['case']} on {results['device']}",
              f"{'context':>9} {'stock TTFT':>10} {'DUO TTFT':>9} {'x':>5} {'floor s/d':>12} "
              f"{'stock dec':>9} {'DUO dec':>8} {'x':>5} {'floor s/d ms':>13}"]
@@ -240,6 +308,12 @@ def main() -> None:
     parser.add_argument("--patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--longest", action="store_true",
+                        help="the longest context each engine holds (auto-fit), and TTFT/decode there")
+    parser.add_argument("--longest-budget-s", type=float, default=300.0,
+                        help="skip the --longest timing when the prefill floor suggests more than this")
+    parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
+    parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -252,8 +326,23 @@ def main() -> None:
         return
     if not (args.patterns and args.case):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
-    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, args.backends.split(","))
+    set_device_floors(args.bandwidth, args.peak_flops)
+    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, args.backends.split(","),
+                       args.longest_budget_s if args.longest else None)
     print(table(results))
+
+
+def set_device_floors(bandwidth: float | None, peak_flops: float | None) -> None:
+    """The floors' bandwidth and peak for this GPU; refuse to guess for an unlisted one."""
+    global BANDWIDTH, PEAK_FLOPS
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    known = next((spec for fragment, spec in DEVICES.items() if fragment in name), None)
+    if known is None and (bandwidth is None or peak_flops is None):
+        raise SystemExit(f"no floor figures for {name!r}: pass --bandwidth BYTES_PER_S and --peak-flops FLOPS")
+    BANDWIDTH = bandwidth or known[0]
+    PEAK_FLOPS = peak_flops or known[1]
 
 
 if __name__ == "__main__":
