@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, parallel runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pattern = Path(args.pattern)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         result = needle_check(args.model, pattern, context=args.context, samples=args.samples,
                               sparsity=args.sparsity, sink=args.sink, recent=args.recent,
                               num_passkeys=args.num_passkeys, passkey_length=args.passkey_length,
-                              seed=args.seed, haystack=args.haystack, device=args.device, dtype=args.dtype)
+                              seed=args.seed, haystack=args.haystack, device=args.device, dtype=args.dtype,
+                              progress=not args.no_progress)
     except GateTrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Trains the shipped Qwen2.5-Coder-0.5B-Instruct pattern on one GPU, two seeds side by side
-# (so each seed's time is an upper bound of a run alone), then checks it (needle check, seed
-# agreement). Resumable: a phase cut off by a time limit continues from its last checkpoint.
+# Trains the shipped Qwen2.5-Coder-0.5B-Instruct pattern, two seeds side by side (one GPU each
+# when the machine has two or more, else both on one GPU, so each seed's time is an upper bound
+# of a run alone), then checks it (needle check, seed agreement). Resumable: a phase cut off by a
+# time limit continues from its last checkpoint.
 #
 #   bash scripts/gpu_train_qwen.sh train    # (again, to continue) -> $OUT/train_seed*.log
 #   bash scripts/gpu_train_qwen.sh check    # needle check + agreement -> $OUT/*.json
 #
 # Env: OUT (results), WORK (checkpoints; default /tmp/duo-train), TRAIN_SECONDS (time limit of
-# one train phase, default 520), TRAIN_EXTRA (more trainer options, e.g. "--lr 0.05"),
-# DUO_VLLM_CACHE (haystack and converted model).
+# one train phase, default 520), STEPS (default 400), TRAIN_EXTRA (more trainer options, e.g.
+# "--reg-weight 0.5"), DUO_VLLM_CACHE (haystack and converted model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
@@ -16,14 +17,16 @@ WORK=${WORK:-/tmp/duo-train}
 SEEDS=(42 7)
 MODEL=$(python3 -c "from duo_vllm.testing.models import qwen_coder_path; print(qwen_coder_path())")
 TRAIN=(--model "$MODEL" --sink 64 --recent 256 --min-context 1024 --max-context 32000
-       --num-lengths 20 --num-passkeys 5 --passkey-length 16 --steps 400
+       --num-lengths 20 --num-passkeys 5 --passkey-length 16 --steps ${STEPS:-400}
        --save-every 20 --log-every 20 --gradient-checkpointing --eval-samples 4 ${TRAIN_EXTRA:-})
 
 case "${1:-}" in
 train)
     deadline=$(( $(date +%s) + ${TRAIN_SECONDS:-520} ))
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l); gpus=$(( gpus > 0 ? gpus : 1 ))
     train_seed() {  # one seed until the deadline; an early failure of the compiled flex path
         local seed=$1 log="$OUT/train_seed$1.log" resume=()    # falls back to the sdpa path once
+        export CUDA_VISIBLE_DEVICES=$(( $2 % gpus ))
         if [ -d "$WORK/seed$seed/work" ]; then resume=(--resume); fi
         timeout -s INT $(( deadline - $(date +%s) )) python3 -m gate_training "${TRAIN[@]}" \
             --seed "$seed" --out "$WORK/seed$seed" "${resume[@]}" >> "$log" 2>&1 && return 0
@@ -34,7 +37,7 @@ train)
                 --seed "$seed" --out "$WORK/seed$seed" --overwrite --streaming sdpa >> "$log" 2>&1
         fi
     }
-    for seed in "${SEEDS[@]}"; do train_seed "$seed" & done
+    for i in "${!SEEDS[@]}"; do train_seed "${SEEDS[$i]}" "$i" & done
     wait || true
     for seed in "${SEEDS[@]}"; do
         grep -E "step [0-9]+/|Held-out|error" "$OUT/train_seed$seed.log" | tail -4 || true
@@ -44,10 +47,16 @@ train)
     done
     ;;
 check)
-    for seed in "${SEEDS[@]}"; do
-        python3 -m gate_training.needle --model "$MODEL" --pattern "$WORK/seed$seed" --samples 4 \
-            --out "$OUT/needle_seed$seed.json"
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l); gpus=$(( gpus > 0 ? gpus : 1 ))
+    for i in "${!SEEDS[@]}"; do  # in parallel when each seed has its own GPU
+        seed=${SEEDS[$i]}
+        CUDA_VISIBLE_DEVICES=$(( i % gpus )) python3 -m gate_training.needle --model "$MODEL" \
+            --pattern "$WORK/seed$seed" --samples 4 --out "$OUT/needle_seed$seed.json" --no-progress \
+            > "$OUT/needle_seed$seed.log" 2>&1 &
+        if [ "$gpus" -lt 2 ]; then wait; fi
     done
+    wait
+    tail -n 7 "$OUT"/needle_seed*.log
     python3 - "$WORK" "$OUT/seed_agreement.json" "${SEEDS[@]}" <<'PY'
 import json, sys
 from duo_vllm.pattern import load_pattern
