@@ -18,7 +18,7 @@ from duo_vllm.pattern import HeadPattern, binarize, model_fingerprint, retrieval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gate_stats", "export_pattern"]
+__all__ = ["cut_stats", "export_pattern", "gate_stats", "unsettled_warning"]
 
 
 def gate_stats(gates: np.ndarray, sparsity: float | None = None) -> dict[str, Any]:
@@ -38,7 +38,41 @@ def gate_stats(gates: np.ndarray, sparsity: float | None = None) -> dict[str, An
         mask = binarize(g.astype(np.float32), sparsity=sparsity)
         rs = retrieval_stats(mask)
         stats["retrieval_per_layer_at_sparsity"] = {"sparsity": sparsity, "per_layer": rs["per_layer"]}
+        stats["cut_at_sparsity"] = cut_stats(g, int(mask.sum()))
     return stats
+
+
+UNSETTLED_BAND = 0.01  # gates this close to the deployment cut are counted as not yet decided
+
+
+def cut_stats(gates: np.ndarray, num_retrieval: int) -> dict[str, Any] | None:
+    """How clearly the gates separate at the deployment cut (the ``num_retrieval``-th highest gate):
+    the gap between the last retrieval and the first streaming gate, and how many heads lie
+    within ``UNSETTLED_BAND`` of the cut. Gates still bunched near the cut (typically all near 1
+    after a short run) rank those heads by optimiser noise: another seed picks others."""
+    order = np.sort(np.asarray(gates, dtype=np.float64).ravel())[::-1]
+    if not 0 < num_retrieval < order.size:
+        return None
+    cut = (order[num_retrieval - 1] + order[num_retrieval]) / 2
+    return {"gap": round(float(order[num_retrieval - 1] - order[num_retrieval]), 6),
+            "heads_within_band": int((np.abs(order - cut) <= UNSETTLED_BAND).sum()),
+            "band": UNSETTLED_BAND}
+
+
+def unsettled_warning(stats: dict[str, Any]) -> str | None:
+    """A warning when at least a tenth of the heads (and at least 3) sit within the band of the cut."""
+    cut = stats.get("cut_at_sparsity")
+    if not cut:
+        return None
+    if cut["heads_within_band"] < max(3, 0.1 * stats["num_heads"]):
+        return None
+    sparsity = stats["retrieval_per_layer_at_sparsity"]["sparsity"]
+    return (f"{cut['heads_within_band']} of {stats['num_heads']} gates lie within {cut['band']} of the "
+            f"sparsity-{sparsity} cut (gates mean {stats['mean']:.3f}, {stats['below_0.5']} below 0.5): which of "
+            "those heads stream is not settled by this run, and another seed would pick others. Train "
+            "longer (--steps) or raise --reg-weight so the gates separate; the distillation term grows "
+            "with the size of the model's final hidden states, so models with large hidden states need "
+            "a larger --reg-weight than the paper's 0.05")
 
 
 def export_pattern(

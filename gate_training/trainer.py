@@ -39,7 +39,7 @@ import torch
 from gate_training import distributed
 from gate_training.config import GateTrainingError, TrainConfig
 from gate_training.data import PasskeySpec, build_passkey_dataset, describe_haystack, eval_samples, load_haystack
-from gate_training.export import export_pattern, gate_stats
+from gate_training.export import export_pattern, gate_stats, unsettled_warning
 from gate_training.gated_attention import GateState, install_gates
 from gate_training import preflight
 
@@ -408,6 +408,9 @@ class GateTrainer:
             self._info("Held-out evaluation: %s", json.dumps(result.evaluation))
             if self.dist.is_main:
                 result.pattern_path = self.export(result.evaluation, gates=result.gates)
+                warning = unsettled_warning(gate_stats(result.gates, cfg.sparsity))
+                if warning:
+                    logger.warning(warning)
         if self.dist.enabled:  # every rank returns once the pattern is written, and knows its path
             import torch.distributed as dist
 
