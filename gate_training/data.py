@@ -86,8 +86,9 @@ class PasskeySpec:
 
 
 def load_haystack(path: str | os.PathLike | None = None) -> str:
-    """The haystack text: the files at ``path`` (a UTF-8 text file, or a folder whose ``*.txt``
-    files are read in name order), by default the Canterbury corpus. Raises
+    """The haystack text: the files at ``path`` as written (a UTF-8 text file, or a folder whose
+    ``*.txt`` files are read in name order, joined by blank lines), by default the Canterbury
+    corpus (its hard-wrapped lines joined into paragraphs). Raises
     :class:`GateTrainingError` saying how to fix a missing, empty or undecodable haystack."""
     if path is not None:
         return _read_haystack(str(Path(path).expanduser().resolve()))
@@ -108,8 +109,6 @@ def load_haystack(path: str | os.PathLike | None = None) -> str:
 
 @lru_cache(maxsize=4)
 def _read_haystack(path: str) -> str:
-    from duo_vllm.testing.haystack import normalise_text
-
     where = Path(path)
     if where.is_dir():
         files = sorted(f for f in where.rglob("*.txt") if f.is_file())
@@ -124,13 +123,14 @@ def _read_haystack(path: str) -> str:
     parts = []
     for file in files:
         try:
-            parts.append(normalise_text(file.read_text(encoding="utf-8")))
+            # as written (line breaks and indentation carry meaning in code), only CRLF -> LF
+            parts.append(file.read_text(encoding="utf-8").replace("\r\n", "\n").strip("\n"))
         except UnicodeDecodeError as exc:
             raise GateTrainingError(f"haystack file {file} is not UTF-8 text (byte {exc.start}); convert "
                                     "it (e.g. `iconv -t UTF-8`) or leave it out") from None
         except OSError as exc:
             raise GateTrainingError(f"cannot read haystack file {file} ({exc.strerror})") from None
-    text = "\n\n".join(p for p in parts if p)
+    text = "\n\n".join(p for p in parts if p.strip())
     if not text:
         raise GateTrainingError(f"--haystack {path} holds no text")
     pool = word_pool(text)

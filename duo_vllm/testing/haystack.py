@@ -63,7 +63,7 @@ def fetch_corpus() -> Path:
 def normalise_text(raw: str) -> str:
     """Paragraphs (blank-line separated) with their line breaks and runs of whitespace made single
     spaces: hard-wrapped e-texts then read as prose, not as verse."""
-    paragraphs = [" ".join(p.split()) for p in raw.replace("\r\n", "\n").split("\n\n")]
+    paragraphs = [" ".join(p.split()) for p in raw.split("\n\n")]
     return "\n\n".join(p for p in paragraphs if p)
 
 

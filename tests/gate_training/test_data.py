@@ -147,8 +147,9 @@ def test_own_haystack_file_and_folder(own_haystack, smollm2_tokenizer, tmp_path)
     assert all(w in text for key in sample["passkeys"] for w in key.split())  # passkey words from it too
     assert make_sample(smollm2_tokenizer, spec, 0) == sample
     single = tmp_path / "one.txt"
-    single.write_text(_own_text(seed=1))
-    assert load_haystack(single) == _own_text(seed=1)
+    code = "def f(x):\r\n    return x  # indentation and line breaks kept\r\n"
+    single.write_bytes((_own_text(seed=1) + "\r\n\r\n" + code).encode())
+    assert load_haystack(single) == _own_text(seed=1) + "\n\n" + code.replace("\r\n", "\n").rstrip("\n")
     info = describe_haystack(own_haystack, smollm2_tokenizer)
     assert info["source"] == str(own_haystack.resolve()) and info["tokens"] == len(haystack_ids)
     assert describe_haystack(None)["source"].startswith("Canterbury corpus")
