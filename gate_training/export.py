@@ -59,20 +59,36 @@ def cut_stats(gates: np.ndarray, num_retrieval: int) -> dict[str, Any] | None:
             "band": UNSETTLED_BAND}
 
 
-def unsettled_warning(stats: dict[str, Any]) -> str | None:
-    """A warning when at least a tenth of the heads (and at least 3) sit within the band of the cut."""
+# Mean square of SmolLM2-135M-Instruct's final hidden states at the answer positions, where the
+# paper's reg weight 0.05 separates the gates (Qwen2.5-0.5B: ~43, separated at 0.5; the pattern
+# READMEs and patterns/Qwen2.5-Coder-0.5B-Instruct/validation/reg_weight_cpu_study.json).
+REFERENCE_HIDDEN_MEAN_SQUARE = 3.8
+
+
+def unsettled_warning(stats: dict[str, Any], *, reg_weight: float | None = None,
+                      hidden_mean_square: float | None = None) -> str | None:
+    """A warning when at least a tenth of the heads (and at least 3) sit within the band of the cut;
+    with this run's reg weight and the model's hidden-state mean square it suggests a weight."""
     cut = stats.get("cut_at_sparsity")
     if not cut:
         return None
     if cut["heads_within_band"] < max(3, 0.1 * stats["num_heads"]):
         return None
     sparsity = stats["retrieval_per_layer_at_sparsity"]["sparsity"]
+    advice = ("the distillation term grows with the size of the model's final hidden states, so models "
+              "with large hidden states need a larger --reg-weight than the paper's 0.05")
+    if reg_weight is not None and hidden_mean_square:
+        scaled = 0.05 * hidden_mean_square / REFERENCE_HIDDEN_MEAN_SQUARE
+        advice = (f"this model's final hidden states have mean square {hidden_mean_square:.1f} at the answer "
+                  f"positions against {REFERENCE_HIDDEN_MEAN_SQUARE} for SmolLM2-135M, where 0.05 separates the "
+                  f"gates: --reg-weight {scaled:.2g} matches that")
+        if reg_weight >= scaled:
+            advice = (f"this run's --reg-weight {reg_weight:g} is already at least the hidden-state-scaled "
+                      f"{scaled:.2g}, so train longer")
     return (f"{cut['heads_within_band']} of {stats['num_heads']} gates lie within {cut['band']} of the "
             f"sparsity-{sparsity} cut (gates mean {stats['mean']:.3f}, {stats['below_0.5']} below 0.5): which of "
             "those heads stream is not settled by this run, and another seed would pick others. Train "
-            "longer (--steps) or raise --reg-weight so the gates separate; the distillation term grows "
-            "with the size of the model's final hidden states, so models with large hidden states need "
-            "a larger --reg-weight than the paper's 0.05")
+            f"longer (--steps) or raise --reg-weight so the gates separate; {advice}")
 
 
 def export_pattern(

@@ -325,6 +325,7 @@ class GateTrainer:
         }
         distill = {name: [] for name in candidates}
         accuracy = {name: [] for name in ["teacher", *candidates]}
+        hidden_mean_square = []  # the scale the distillation term (and so the reg weight) works at
 
         def token_accuracy(predicted, sample):
             target = torch.as_tensor(sample["input_ids"][int(sample["answer_start"]):], device=predicted.device)
@@ -335,6 +336,7 @@ class GateTrainer:
             with torch.no_grad(), self.state.teacher():
                 teacher, _, predicted = self.gated(ids, sup.start, sup.stop, predict=True)
             accuracy["teacher"].append(token_accuracy(predicted, sample))
+            hidden_mean_square.append(float(teacher.pow(2).mean()))
             for name, candidate in candidates.items():
                 with torch.no_grad():
                     student, _, predicted = self.gated(
@@ -348,6 +350,7 @@ class GateTrainer:
             "sparsity": self.cfg.sparsity,
             "distill": {k: round(float(np.mean(v)), 6) for k, v in distill.items()},
             "answer_token_accuracy": {k: round(float(np.mean(v)), 4) for k, v in accuracy.items()},
+            "teacher_hidden_mean_square": round(float(np.mean(hidden_mean_square)), 4),
         }
 
     # ------------------------------------------------------------------ loop
@@ -408,7 +411,8 @@ class GateTrainer:
             self._info("Held-out evaluation: %s", json.dumps(result.evaluation))
             if self.dist.is_main:
                 result.pattern_path = self.export(result.evaluation, gates=result.gates)
-                warning = unsettled_warning(gate_stats(result.gates, cfg.sparsity))
+                warning = unsettled_warning(gate_stats(result.gates, cfg.sparsity), reg_weight=cfg.reg_weight,
+                                            hidden_mean_square=result.evaluation.get("teacher_hidden_mean_square"))
                 if warning:
                     logger.warning(warning)
         if self.dist.enabled:  # every rank returns once the pattern is written, and knows its path

@@ -21,6 +21,13 @@ def test_bunched_gates_warn_and_polarised_gates_do_not():
     assert stats["cut_at_sparsity"]["heads_within_band"] <= 1 and unsettled_warning(stats) is None
 
 
+def test_warning_suggests_a_weight_scaled_by_the_hidden_states():
+    bunched = gate_stats(np.concatenate([np.linspace(0.8, 0.97, 8), np.linspace(0.995, 1.0, 40)]).reshape(24, 2), 0.5)
+    qwen = unsettled_warning(bunched, reg_weight=0.05, hidden_mean_square=43.0)
+    assert "mean square 43.0" in qwen and "--reg-weight 0.57 matches" in qwen
+    assert "train longer" in unsettled_warning(bunched, reg_weight=0.6, hidden_mean_square=43.0)
+
+
 def test_no_cut_when_every_head_is_on_one_side():
     gates = np.full((4, 2), 0.5)
     assert cut_stats(gates, 0) is None and cut_stats(gates, 8) is None

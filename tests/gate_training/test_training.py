@@ -70,6 +70,11 @@ def test_training_reduces_the_distillation_loss_and_moves_gates(reference_run):
     acc = result.evaluation["answer_token_accuracy"]
     assert acc["deploy"] > acc["inverse"] and acc["deploy"] > acc["all_streaming"], acc
     assert result.evaluation["samples"] == 2 and result.evaluation["context_lengths"] == [160, 320]
+    # the teacher's hidden-state scale, recorded for the reg-weight advice (SmolLM2: ~4, Qwen2.5: ~43)
+    trainer = reference_run["trainer"]
+    expected = np.mean([float(trainer.teacher_hidden(s).pow(2).mean()) for s in trainer.eval_samples])
+    assert result.evaluation["teacher_hidden_mean_square"] == pytest.approx(expected, rel=1e-3)
+    assert 1.0 < expected < 10.0
 
 
 def test_exported_pattern_loads_for_the_model(reference_run, smollm2):
