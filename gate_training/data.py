@@ -87,8 +87,8 @@ class PasskeySpec:
 
 def load_haystack(path: str | os.PathLike | None = None) -> str:
     """The haystack text: the files at ``path`` as written (a UTF-8 text file, or a folder whose
-    ``*.txt`` files, subfolders included, are read in path order, joined by blank lines), by default the Canterbury
-    corpus (its hard-wrapped lines joined into paragraphs). Raises
+    ``*.txt`` files, subfolders included, are read in path order and joined by blank lines), by
+    default the Canterbury corpus (its hard-wrapped lines joined into paragraphs). Raises
     :class:`GateTrainingError` saying how to fix a missing, empty or undecodable haystack."""
     if path is not None:
         return _read_haystack(str(Path(path).expanduser().resolve()))
