@@ -34,7 +34,7 @@ from kv_capacity import engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 FAMILIES = [
     ("duo streaming (Triton)", r"lambda|_streaming"),
     ("duo kv store (Triton)", r"store_kv"),
-    ("attention (FA3/FA2)", r"flash|fmha|flash_fwd|FlashAttn"),
+    ("attention (FA3/FA2)", r"flash|fmha"),
     ("kv cache write", r"reshape_and_cache|cache_kernel"),
     ("index gather/scatter", r"index|gather|scatter|indexing"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|splitK"),

@@ -13,8 +13,9 @@ Each sample is::
 
 with the haystack cut at a random offset from public-domain prose (``duo_vllm.testing.haystack``,
 the default) or from the user's own text files (``PasskeySpec.haystack``: e.g. code for a code
-model, so the gates learn which heads read far back in the text the model will serve), passkeys inserted after a sentence end near random depths, and context lengths (haystack +
-passkeys, before the question) drawn from ``num_lengths`` equal intervals of
+model, so the gates learn which heads read far back in the text the model will serve), passkeys
+inserted after a sentence end near random depths, and context lengths (haystack + passkeys,
+before the question) drawn from ``num_lengths`` equal intervals of
 [min_context, max_context]. Every sample is a pure function of (seed, index), so a dataset is
 reproducible; it is cached on disk with ``Dataset.save_to_disk`` under a key of all the inputs.
 
@@ -145,7 +146,7 @@ def _read_haystack(path: str) -> str:
 
 def describe_haystack(path: str | os.PathLike | None, tokenizer=None) -> dict[str, Any]:
     """Provenance of a haystack: where it came from, a content hash, and its size."""
-    from duo_vllm.testing.haystack import BROTLI_SDIST
+    from duo_vllm.testing.haystack import BROTLI_SDIST, encoded_text
 
     text = load_haystack(path)
     info: dict[str, Any] = {
@@ -155,29 +156,8 @@ def describe_haystack(path: str | os.PathLike | None, tokenizer=None) -> dict[st
         "characters": len(text),
     }
     if tokenizer is not None:
-        info["tokens"] = len(corpus_ids(tokenizer, text))
+        info["tokens"] = len(encoded_text(tokenizer, text))
     return info
-
-
-# (id(tokenizer), id(text)) -> (tokenizer, text, ids). Holding both keeps their ids from being
-# reused by other objects while the entry exists, which would hand back the wrong token ids.
-_CORPUS_IDS: dict[tuple[int, int], tuple[object, str, Sequence[int]]] = {}
-
-
-def corpus_ids(tokenizer, text: str) -> Sequence[int]:
-    """Token ids of a haystack text (no special tokens), encoded once per tokenizer and text."""
-    key = (id(tokenizer), id(text))
-    entry = _CORPUS_IDS.get(key)
-    if entry is None or entry[0] is not tokenizer or entry[1] is not text:
-        from duo_vllm.testing.haystack import _encoded, haystack_text
-
-        try:
-            canterbury = text is haystack_text()
-        except (FileNotFoundError, OSError):
-            canterbury = False
-        ids = _encoded(tokenizer) if canterbury else tokenizer.encode(text, add_special_tokens=False)
-        entry = _CORPUS_IDS[key] = (tokenizer, text, ids)
-    return entry[2]
 
 
 _POOLS: dict[int, list[str]] = {}
@@ -191,7 +171,7 @@ def word_pool(text: str) -> list[str]:
     return _POOLS[key]
 
 
-_BOUNDARIES: dict[tuple[int, int], set[int]] = {}  # ids stay alive in _CORPUS_IDS
+_BOUNDARIES: dict[tuple[int, int], set[int]] = {}  # ids stay alive in the encoding cache
 
 
 def _sentence_end_ids(tokenizer, ids: Sequence[int]) -> set[int]:
@@ -213,8 +193,10 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
 
     ``context_length`` overrides the length drawn from the sample's interval.
     """
+    from duo_vllm.testing.haystack import encoded_text
+
     text = load_haystack(spec.haystack)
-    corpus = corpus_ids(tokenizer, text)
+    corpus = encoded_text(tokenizer, text)
     pool = word_pool(text)
     rng = np.random.default_rng([spec.seed, index, DATA_VERSION])
     if context_length is None:
@@ -301,7 +283,9 @@ def eval_samples(tokenizer, spec: PasskeySpec, count: int) -> list[dict[str, Any
 
 
 def _cache_key(tokenizer, spec: PasskeySpec) -> str:
-    corpus = corpus_ids(tokenizer, load_haystack(spec.haystack))
+    from duo_vllm.testing.haystack import encoded_text
+
+    corpus = encoded_text(tokenizer, load_haystack(spec.haystack))
     content = asdict(spec)
     del content["haystack"]  # its path: the token hash below is what matters
     identity = {

@@ -71,7 +71,8 @@ def check_one_request_fits(vllm_config, kv_cache_config) -> None:
     max_len = model_config.max_model_len
     chunk = vllm_config.max_in_flight_tokens
     available = kv_cache_config.num_blocks
-    if peak_blocks_for_one_request(kv_cache_config, max_len) <= available:
+    needed = peak_blocks_for_one_request(kv_cache_config, max_len)
+    if needed <= available:
         return
     if getattr(model_config, "original_max_model_len", None) == -1:
         low, high = 0, max_len  # the longest length whose peak fits (0: none)
@@ -87,7 +88,6 @@ def check_one_request_fits(vllm_config, kv_cache_config) -> None:
                         max_len, low, chunk)
             model_config.max_model_len = low
             return
-    needed = peak_blocks_for_one_request(kv_cache_config, max_len)
     raise ValueError(
         f"The KV cache has {available} blocks but DUO needs {needed} to serve "
         f"one request of max_model_len={max_len} tokens (retrieval blocks plus the streaming "

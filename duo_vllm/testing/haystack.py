@@ -82,7 +82,7 @@ def haystack_tokens(tokenizer, num_tokens: int, *, offset: int = 0) -> list[int]
     """
     if num_tokens < 0 or offset < 0:
         raise ValueError(f"num_tokens and offset must be >= 0, got {num_tokens} and {offset}")
-    ids = _encoded(tokenizer)
+    ids = encoded_text(tokenizer)
     if offset + num_tokens > len(ids):
         raise ValueError(
             f"The haystack has {len(ids)} tokens for this tokenizer; asked for {num_tokens} "
@@ -91,14 +91,17 @@ def haystack_tokens(tokenizer, num_tokens: int, *, offset: int = 0) -> list[int]
     return list(ids[offset:offset + num_tokens])
 
 
-# id(tokenizer) -> (tokenizer, ids). Holding the tokenizer keeps its id from being reused by
-# another tokenizer while the entry exists, which would hand back the wrong token ids.
-_ENCODED: dict[int, tuple[object, Sequence[int]]] = {}
+# (id(tokenizer), id(text)) -> (tokenizer, text, ids). Holding both keeps their ids from being
+# reused by other objects while the entry exists, which would hand back the wrong token ids.
+_ENCODED: dict[tuple[int, int], tuple[object, str, Sequence[int]]] = {}
 
 
-def _encoded(tokenizer) -> Sequence[int]:
-    entry = _ENCODED.get(id(tokenizer))
-    if entry is None or entry[0] is not tokenizer:
-        entry = (tokenizer, tokenizer.encode(haystack_text(), add_special_tokens=False))
-        _ENCODED[id(tokenizer)] = entry
-    return entry[1]
+def encoded_text(tokenizer, text: str | None = None) -> Sequence[int]:
+    """Token ids (no special tokens) of ``text``, by default the corpus; encoded once per
+    tokenizer and text object."""
+    text = haystack_text() if text is None else text
+    key = (id(tokenizer), id(text))
+    entry = _ENCODED.get(key)
+    if entry is None or entry[0] is not tokenizer or entry[1] is not text:
+        entry = _ENCODED[key] = (tokenizer, text, tokenizer.encode(text, add_special_tokens=False))
+    return entry[2]
