@@ -4,10 +4,12 @@
 model predicts (docs/STATUS.md); this attributes the GPU time of the decode steps to kernel
 families (GEMMs, FA3, DUO's streaming kernel and KV store, index copies for the retrieval-head
 gather/scatter, norms, rotary, sampling, other) so the next optimisation targets what is really
-there. The engines run in-process with torch's profiler around a few decode steps (CUDA graphs
-off, so every kernel is visible; summed kernel time is what graphs cannot remove) over decode
-steps only (the profiler starts once the prefill has produced the first token). Same shapes and
-patterns as duo_speed.py, dummy weights.
+there. The engine runs in this process, stepped by hand, so that vLLM's own worker profiler
+(``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
+once the prefill has produced the first token and stops after ``--steps`` more, each of which must
+add one token (checked). CUDA graphs are off, so every kernel is visible; summed kernel time is
+what graphs cannot remove. The kernels are read from the trace the profiler writes. Same shapes
+and patterns as duo_speed.py, dummy weights.
 
     python benchmarks/profile_decode.py --case llama3-8b-gqa-50 --patterns PATTERNS --context 131072 --out $OUT
 """
@@ -15,13 +17,15 @@ patterns as duo_speed.py, dummy weights.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the profiler sees the worker's kernels
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine.step() runs one step, here
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
@@ -34,11 +38,11 @@ from kv_capacity import engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 FAMILIES = [
     ("duo streaming (Triton)", r"lambda|_streaming"),
     ("duo kv store (Triton)", r"store_kv"),
+    ("kv cache write", r"reshape_and_cache|cache_kernel"),  # before attention: "..._flash_kernel"
     ("attention (FA3/FA2)", r"flash|fmha"),
-    ("kv cache write", r"reshape_and_cache|cache_kernel"),
     ("index gather/scatter", r"index|gather|scatter|indexing"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|splitK"),
-    ("norm", r"rms|norm"),
+    ("norm", r"rms|norm|_typeConvert"),  # vLLM's fused_add_rms_norm kernel is named by its template
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|act_and_mul|gelu"),
     ("copy/elementwise", r"copy|elementwise|fill|memcpy|Memcpy|Memset|vectorized"),
@@ -52,37 +56,72 @@ def family(name: str) -> str:
 
 def profile(model: str, case: dict, duo: dict | None, context: int, steps: int) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
+    trace_dir = tempfile.mkdtemp(prefix="duo-profile-")
+    profiler = {"profiler": "torch", "torch_profiler_dir": trace_dir, "torch_profiler_with_stack": False,
+                "torch_profiler_use_gzip": True, "ignore_frontend": True}
     llm = LLM(**engine_kwargs(model, context + steps + 64, 0.9, duo, enforce_eager=True,
-                              enable_prefix_caching=False, max_num_seqs=4,
-                              distributed_executor_backend="uni"))  # the model runs in this process
+                              enable_prefix_caching=False, max_num_seqs=4, profiler_config=profiler,
+                              distributed_executor_backend="uni"))
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True, detokenize=False)
-    llm.generate([synthetic_prompt(2048)], params, use_tqdm=False)  # warm-up
-    engine.add_request("profiled", synthetic_prompt(context), params)
-    for _ in range(100_000):  # the (chunked) prefill, until it has produced the first token
-        if any(out.outputs and out.outputs[0].token_ids for out in engine.step()):
-            break
-    cuda = torch.cuda.is_available()  # (CPU: the same flow over CPU ops, for a smoke test)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):  # decode steps only: one new token each
-            engine.step()
-        sync()
+
+    def params():  # LLM.generate turns its params to FINAL_ONLY; each step must report its token here
+        return SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True, detokenize=False,
+                              output_kind=RequestOutputKind.CUMULATIVE)
+
+    llm.generate([synthetic_prompt(2048)], params(), use_tqdm=False)  # warm-up
+    engine.add_request("profiled", synthetic_prompt(context), params())
+    generated = 0
+    while generated == 0 and engine.has_unfinished_requests():  # the (chunked) prefill: first token
+        generated = max([len(out.outputs[0].token_ids) for out in engine.step() if out.outputs] or [0])
+    llm.start_profile()
+    last = generated
+    for _ in range(steps):  # decode steps only: one new token each
+        last = max([len(out.outputs[0].token_ids) for out in engine.step() if out.outputs] or [last])
+    llm.stop_profile()  # the worker writes its trace before this returns
     while engine.has_unfinished_requests():
         engine.step()
-    per_family: dict[str, float] = {}
-    for event in prof.key_averages():
-        total_us = event.device_time_total if cuda else event.self_cpu_time_total
-        if total_us:
-            key = family(event.key)
-            per_family[key] = per_family.get(key, 0.0) + total_us
+    if not 0 < last - generated <= steps:
+        raise SystemExit(f"the profiled window held {last - generated} new tokens for {steps} steps: "
+                         "it did not cover the decode steps")
     llm.llm_engine.engine_core.shutdown(timeout=60)
-    ms = {k: round(v / steps / 1e3, 4) for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])}
-    return {"ms_per_decode_token_by_family": ms, "total_ms": round(sum(ms.values()), 3)}
+    per_kernel = kernel_times_us(trace_dir, cuda=torch.cuda.is_available())
+    ms = {}
+    for name, total_us in per_kernel.items():
+        ms[family(name)] = ms.get(family(name), 0.0) + total_us / steps / 1e3
+    ms = {k: round(v, 4) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    return {"decode_tokens_profiled": last - generated,
+            "ms_per_decode_token_by_family": ms, "total_ms": round(sum(ms.values()), 3),
+            "top_kernels_ms_per_token": {name[:160]: round(us / steps / 1e3, 4) for name, us in top}}
+
+
+TOP_KERNELS = 25
+DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def kernel_times_us(trace_dir: str, cuda: bool) -> dict[str, float]:
+    """Microseconds per kernel name, summed over the worker traces under ``trace_dir``: every
+    kernel, copy and memset the GPU ran. On a CPU machine (a smoke run of the flow) the trace
+    holds no device events, so the top-level CPU ops stand in, flagged as such by the caller."""
+    traces = sorted(Path(trace_dir).rglob("*.pt.trace.json*"))
+    if not traces:
+        raise SystemExit(f"vLLM's profiler wrote no trace under {trace_dir}: is profiler_config supported here?")
+    totals: dict[str, float] = {}
+    for path in traces:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            events = json.load(f).get("traceEvents", [])
+        for event in events:
+            wanted = event.get("cat") in DEVICE_CATEGORIES if cuda else event.get("cat") == "cpu_op"
+            if wanted and "dur" in event:
+                totals[event["name"]] = totals.get(event["name"], 0.0) + float(event["dur"])
+    if cuda and not totals:
+        raise SystemExit(f"vLLM's profiler traces ({', '.join(map(str, traces))}) hold no GPU kernel: "
+                         "CUPTI recorded nothing (is the nvidia-cuda-cupti wheel matching torch installed?)")
+    return totals
 
 
 def main() -> None:
@@ -98,7 +137,8 @@ def main() -> None:
     case = CASES[args.case]
     model = model_dir(case["config"])
     duo = {"pattern": str(Path(args.patterns) / case["pattern"]), "sparsity": case["sparsity"]}
-    result = {"device": torch.cuda.get_device_name(0), "case": args.case, "context": args.context,
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "case": args.case, "context": args.context,
               "command": f"python benchmarks/profile_decode.py --case {args.case} --patterns PATTERNS "
                          f"--context {args.context}",
               "stock": profile(model, case, None, args.context, args.steps),
@@ -107,7 +147,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     families = sorted(set(result["stock"]["ms_per_decode_token_by_family"]) | set(result["duo"]["ms_per_decode_token_by_family"]))
-    print(f"{args.case} at {args.context} tokens on {result['device']}: GPU ms per decode token (eager)")
+    what = "GPU ms per decode token (eager)" if torch.cuda.is_available() else "CPU smoke run: ms of nested ops"
+    print(f"{args.case} at {args.context} tokens on {result['device']}: {what}")
     print(f"{'family':<26}{'stock':>9}{'DUO':>9}")
     for f in families:
         print(f"{f:<26}{result['stock']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}"
