@@ -105,7 +105,8 @@ DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 def kernel_times_us(trace_dir: str, cuda: bool) -> dict[str, float]:
     """Microseconds per kernel name, summed over the worker traces under ``trace_dir``: every
     kernel, copy and memset the GPU ran. On a CPU machine (a smoke run of the flow) the trace
-    holds no device events, so the top-level CPU ops stand in, flagged as such by the caller."""
+    holds no device events, so the CPU ops stand in (nested, so their times overlap), flagged as
+    such by the caller."""
     traces = sorted(Path(trace_dir).rglob("*.pt.trace.json*"))
     if not traces:
         raise SystemExit(f"vLLM's profiler wrote no trace under {trace_dir}: is profiler_config supported here?")
@@ -140,7 +141,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"device": device, "case": args.case, "context": args.context,
               "command": f"python benchmarks/profile_decode.py --case {args.case} --patterns PATTERNS "
-                         f"--context {args.context}",
+                         f"--context {args.context} --steps {args.steps}",
               "stock": profile(model, case, None, args.context, args.steps),
               "duo": profile(model, case, duo, args.context, args.steps)}
     out = Path(args.out) / f"profile_decode_{args.case}_{args.context}.json"
