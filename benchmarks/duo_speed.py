@@ -145,9 +145,9 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
     config = llm.llm_engine.vllm_config
     longest = config.model_config.max_model_len
     n = longest - decode_tokens - 2
+    floor = floors(case["config"], report, n)
     result = {"max_model_len": longest, "kv_tokens": config.cache_config.kv_cache_size_tokens,
-              "context": n, "prefill_floor_s": round(floors(case["config"], report, n)["duo_prefill_s" if duo
-                                                                                        else "stock_prefill_s"], 1)}
+              "context": n, "prefill_floor_s": round(floor["duo_prefill_s" if duo else "stock_prefill_s"], 1)}
     if 1.6 * result["prefill_floor_s"] > budget_s:  # prefill at ~60% of peak
         result["skipped"] = (f"prefill of {n} tokens: floor {result['prefill_floor_s']} s, expected over the "
                              f"{budget_s:.0f} s budget (--longest-budget-s)")
@@ -161,7 +161,7 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
         result.update(ttft_s=round(stats.first_token_latency, 2),
                       decode_ms_per_token=round((stats.last_token_ts - stats.first_token_ts)
                                                 / (stats.num_generation_tokens - 1) * 1e3, 2))
-        result["floors"] = {k: round(v, 3) for k, v in floors(case["config"], report, n).items()}
+        result["floors"] = {k: round(v, 3) for k, v in floor.items()}
     print(("DUO" if duo else "stock"), "longest", result, flush=True)
     llm.llm_engine.engine_core.shutdown(timeout=60)
     return result

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
 WORK=${WORK:-/tmp/duo-train}
 SEEDS=(42 7)
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true); gpus=$(( gpus > 0 ? gpus : 1 ))  # seed i runs on GPU i % gpus
 MODEL=$(python3 -c "from duo_vllm.testing.models import qwen_coder_path; print(qwen_coder_path())")
 # --reg-weight 0.5, not the paper's 0.05: Qwen2.5's final hidden states are about 11x larger
 # (mean square ~43 at the answer positions, SmolLM2 ~3.8), and so is the distillation term the
@@ -28,7 +29,6 @@ TRAIN=(--model "$MODEL" --sink 64 --recent 256 --min-context 1024 --max-context 
 case "${1:-}" in
 train)
     deadline=$(( $(date +%s) + ${TRAIN_SECONDS:-520} ))
-    gpus=$(nvidia-smi -L 2>/dev/null | wc -l); gpus=$(( gpus > 0 ? gpus : 1 ))
     train_seed() {  # one seed until the deadline; an early failure of the compiled flex path
         local seed=$1 log="$OUT/train_seed$1.log" resume=()    # falls back to the sdpa path once
         export CUDA_VISIBLE_DEVICES=$(( $2 % gpus ))
@@ -52,7 +52,6 @@ train)
     done
     ;;
 check)
-    gpus=$(nvidia-smi -L 2>/dev/null | wc -l); gpus=$(( gpus > 0 ? gpus : 1 ))
     for i in "${!SEEDS[@]}"; do  # in parallel when each seed has its own GPU
         seed=${SEEDS[$i]}
         CUDA_VISIBLE_DEVICES=$(( i % gpus )) python3 -m gate_training.needle --model "$MODEL" \
