@@ -194,7 +194,8 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
     results = {"device": torch.cuda.get_device_name(0), "case": name, "pattern": case["pattern"],
                "sparsity": case["sparsity"],
                "command": f"python benchmarks/duo_speed.py --case {name} --patterns PATTERNS --out OUT"
-                          + (" --longest" if longest_budget_s is not None else ""),
+                          + (" --longest" if longest_budget_s is not None else "")
+                          + (f" --backends {','.join(backends)}" if backends != ["stock", "duo"] else ""),
                "device_floors": {"bandwidth_bytes_per_s": BANDWIDTH, "peak_bf16_flops": PEAK_FLOPS},
                "duo_report": report, "floors": {}}
     path = out / f"duo_speed_{name}{'_longest' if longest_budget_s is not None else ''}.json"
@@ -206,8 +207,9 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
 
     if longest_budget_s is not None:
         for backend in backends:
+            options = {"stock": None, "duo": duo, "duo-gather": {**duo, "reorder_heads": False}}[backend]
             results.setdefault("longest", {})[backend] = measure_longest(
-                model, case, duo if backend == "duo" else None, decode_tokens, longest_budget_s, report)
+                model, case, options, decode_tokens, longest_budget_s, report)
             path.write_text(json.dumps(results, indent=2))
         return results
     for n in case["lengths"]:
@@ -216,12 +218,17 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
         save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r)))
     if "duo" in backends:
         save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r)))
+    if "duo-gather" in backends:
+        # DUO in the checkpoint's head order (retrieval heads gathered and scattered at every
+        # step, duo_vllm.head_order): what reordering the heads at load buys, batch 1 only.
+        save("duo-gather", measure(model, {**case, "throughput": []}, {**duo, "reorder_heads": False},
+                                   decode_tokens, lambda r: save("duo-gather", r)))
     for n, count in case["throughput"]:
         key = f"{count}x{n}"
         results["floors"][key] = {
             f"{b}_wall_s": round(throughput_floor(case["config"], report, n, count, results[b]["kv_tokens"],
                                                   b == "duo"), 2)
-            for b in backends if b in results}
+            for b in ("stock", "duo") if b in results}
     path.write_text(json.dumps(results, indent=2))
     return results
 
@@ -230,8 +237,9 @@ def table(results: dict) -> str:
     if "longest" in results:
         lines = [f"{results['case']} on {results['device']}: the longest context each engine holds"]
         for backend, r in results["longest"].items():
-            measured = (f"TTFT {r['ttft_s']} s (floor {r['floors'][f'{backend}_prefill_s']}), decode "
-                        f"{r['decode_ms_per_token']} ms/token (floor {r['floors'][f'{backend}_decode_ms']:.2f})"
+            kind = "stock" if backend == "stock" else "duo"
+            measured = (f"TTFT {r['ttft_s']} s (floor {r['floors'][f'{kind}_prefill_s']}), decode "
+                        f"{r['decode_ms_per_token']} ms/token (floor {r['floors'][f'{kind}_decode_ms']:.2f})"
                         if "ttft_s" in r else r.get("skipped", ""))
             lines.append(f"{backend:>5}: max_model_len {r['max_model_len']:,}, KV {r['kv_tokens']:,} tokens; {measured}")
         return "\n".join(lines)
@@ -250,6 +258,11 @@ def table(results: dict) -> str:
                      f"{a['decode_ms_per_token']:>7.2f}ms {b['decode_ms_per_token']:>6.2f}ms "
                      f"{a['decode_ms_per_token'] / b['decode_ms_per_token']:>5.2f} "
                      f"{f['stock_decode_ms']:>6.2f}/{f['duo_decode_ms']:<6.2f}")
+    for n, g in results.get("duo-gather", {}).get("lengths", {}).items():
+        b = d.get("lengths", {}).get(n)
+        lines.append(f"{int(n) // 1024:>8}K DUO with heads in checkpoint order (gathered each step): TTFT "
+                     f"{g['ttft_s']:.2f}s, decode {g['decode_ms_per_token']:.2f}ms"
+                     + (f" (reordered: {b['decode_ms_per_token']:.2f}ms)" if b else ""))
     for key in s.get("throughput", {}):
         a, b = s["throughput"][key], d.get("throughput", {}).get(key)
         if b:
@@ -269,6 +282,8 @@ def plot(json_path: str) -> Path:
     import matplotlib.pyplot as plt
 
     results = json.loads(Path(json_path).read_text())
+    if "longest" in results:
+        return plot_longest(results, Path(json_path).with_suffix(".png"))
     cases = results["cases"] if "cases" in results else {results["case"]: results}
     fig, axes = plt.subplots(len(cases), 3, figsize=(12, 3.4 * len(cases)), squeeze=False)
     for row, (name, r) in zip(axes, cases.items()):
@@ -300,12 +315,45 @@ def plot(json_path: str) -> Path:
     return png
 
 
+def plot_longest(results: dict, png: Path) -> Path:
+    """PNG of a --longest run: the context each engine holds, and TTFT / decode there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["longest"]
+    names = list(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    panels = (("max_model_len", "longest context held (tokens)", None),
+              ("ttft_s", "time to first token there (s)", "prefill_s"),
+              ("decode_ms_per_token", "decode there, batch 1 (ms/token)", "decode_ms"))
+    for ax, (key, title, floor_key) in zip(axes, panels):
+        values = [runs[n].get(key, 0) for n in names]
+        ax.bar(names, values, color=["C0" if n == "stock" else "C1" for n in names])
+        if floor_key:
+            floors = [runs[n].get("floors", {}).get(f"{'stock' if n == 'stock' else 'duo'}_{floor_key}")
+                      for n in names]
+            ax.plot(names, floors, "k_", markersize=30, label="floor")
+            ax.legend(fontsize=7)
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:,}", (x, v), ha="center", va="bottom", fontsize=7)
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(f"{results['case']} on {results['device']}: the longest context each engine holds "
+                 f"(contexts differ: stock {runs.get('stock', {}).get('context', 0):,}, "
+                 f"DUO {runs.get('duo', {}).get('context', 0):,} tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine per-case files into --out/duo_speed.json")
     parser.add_argument("--case", choices=sorted(CASES))
-    parser.add_argument("--backends", default="stock,duo")
+    parser.add_argument("--backends", default="stock,duo",
+                        help="comma-separated: stock, duo, and duo-gather (DUO with reorder_heads off)")
     parser.add_argument("--patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -316,6 +364,9 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     args = parser.parse_args()
+    unknown = set(args.backends.split(",")) - {"stock", "duo", "duo-gather"}
+    if unknown:
+        parser.error(f"unknown --backends {sorted(unknown)}: choose from stock, duo, duo-gather")
     if args.plot:
         print(plot(args.plot))
         return

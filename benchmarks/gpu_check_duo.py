@@ -152,7 +152,7 @@ def main() -> None:
     save_pattern(HeadPattern(gates=rng.random((30, 3)).astype(np.float32)), tmp / "pat")
     pattern = str(tmp / "pat")
     result = {"device": torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (bf16)",
-              "command": "python benchmarks/gpu_check_duo.py", "checks": kernel_check()}
+              "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else ""), "checks": kernel_check()}
     for c in result["checks"]:
         print(c, flush=True)
 

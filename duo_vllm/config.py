@@ -30,6 +30,9 @@ class DuoConfig:
     threshold : gates >= threshold become retrieval heads instead of a global quantile
     sink, recent : attention-sink tokens and recent window of streaming heads (default: 64, 256)
     min_retrieval_per_layer : keep at least this many retrieval KV heads in every layer
+    reorder_heads : put each layer's retrieval heads first by reordering its attention weights
+        at load (``duo_vllm.head_order``), so kernels read head slices instead of gathering
+        heads at every step; false keeps the checkpoint's order (same results, slower)
     """
 
     pattern: str | None = None
@@ -39,6 +42,7 @@ class DuoConfig:
     sink: int = DEFAULT_SINK
     recent: int = DEFAULT_RECENT
     min_retrieval_per_layer: int = 0
+    reorder_heads: bool = True
 
     def __post_init__(self) -> None:
         chosen = [n for n in ("sparsity", "retrieval_ratio", "threshold") if getattr(self, n) is not None]
@@ -60,6 +64,8 @@ class DuoConfig:
         m = self.min_retrieval_per_layer
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise PatternError(f'DUO option "min_retrieval_per_layer" must be an integer >= 0, got {m!r}.')
+        if not isinstance(self.reorder_heads, bool):
+            raise PatternError(f'DUO option "reorder_heads" must be true or false, got {self.reorder_heads!r}.')
         if self.pattern is not None and not isinstance(self.pattern, str):
             raise PatternError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
 

@@ -20,6 +20,7 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionType, MultipleOf
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
+from duo_vllm.head_order import REORDERED_FLAG
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
 from duo_vllm.runtime import runtime_from_vllm_config
 
@@ -96,6 +97,10 @@ class DuoImplMixin:
     the companion layer named ``layer.duo_streaming_layer_name`` (``duo_vllm.kv_cache``).
     """
 
+    # Whether the platform kernel takes query / output head slices with the whole layer's row
+    # stride (then reordered layers need no copies around it); else contiguous copies.
+    kernel_takes_head_slices: ClassVar[bool] = False
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None) -> None:
@@ -112,13 +117,19 @@ class DuoImplMixin:
         """The layer's head plan, with its index tensors on ``device`` when given (moved once,
         not at every step)."""
         if self._plan is None:
-            self._plan = plan_for_layer(self.runtime, layer.layer_name, self.num_heads, self.num_kv_heads)
+            self._plan = plan_for_layer(self.runtime, layer.layer_name, self.num_heads, self.num_kv_heads,
+                                        heads_reordered=getattr(layer, REORDERED_FLAG, False))
         if device is None:
             return self._plan
         plan = self._device_plans.get(device)
         if plan is None:
             plan = self._device_plans[device] = self._plan.to(device)
         return plan
+
+    def forget_head_plan(self) -> None:
+        """Drop the cached plans (the layer's head order has changed)."""
+        self._plan = None
+        self._device_plans = {}
 
     def streaming_context(self, layer, kv_cache, attn_metadata, slot_mapping):
         """(cache, metadata, slot mapping) of the layer's streaming heads for this step."""
@@ -158,12 +169,25 @@ class DuoImplMixin:
         if plan.any_retrieval:
             q_heads = plan.retrieval_q_heads
             r = plan.retrieval_kv_heads.numel()
-            # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
-            partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
-                                  dtype=output.dtype, device=output.device)
-            super().forward(layer, query[:num_tokens, q_heads], key, value, kv_cache[:, :r],
-                            attn_metadata, partial, output_scale, output_block_scale)
-            out_heads[:, q_heads] = partial
+            if plan.retrieval_first:
+                # Heads reordered at load (duo_vllm.head_order): the retrieval heads are a slice.
+                n = q_heads.numel()
+                q_retrieval, out_retrieval = query[:num_tokens, :n], out_heads[:, :n]
+            else:
+                q_retrieval, out_retrieval = query[:num_tokens, q_heads], None
+            if out_retrieval is not None and self.kernel_takes_head_slices:
+                super().forward(layer, q_retrieval, key, value, kv_cache[:, :r], attn_metadata,
+                                out_retrieval, output_scale, output_block_scale)
+            else:
+                # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
+                partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
+                                      dtype=output.dtype, device=output.device)
+                super().forward(layer, q_retrieval.contiguous(), key, value, kv_cache[:, :r],
+                                attn_metadata, partial, output_scale, output_block_scale)
+                if out_retrieval is not None:
+                    out_retrieval.copy_(partial)
+                else:
+                    out_heads[:, q_heads] = partial
         cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
         self.streaming_forward(plan, query, out_heads, cache, metadata)
         return output

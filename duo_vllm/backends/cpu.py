@@ -39,7 +39,8 @@ class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataB
 
 
 class DuoAttentionImpl(GatheredStreamingMixin, DuoImplMixin, CPUAttentionBackendImpl):
-    pass
+    # vLLM's CPU kernel assumes contiguous query and output rows.
+    kernel_takes_head_slices = False
 
 
 class DuoAttentionBackend(DuoBackendMixin, CPUAttentionBackend):

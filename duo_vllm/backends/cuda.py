@@ -62,6 +62,9 @@ class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 
 
 class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
+    # FlashAttention takes q and out with any row and head strides (last dim contiguous).
+    kernel_takes_head_slices = True
+
     def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
         # One launch for both caches (FLASH_ATTN's own write would need the retrieval heads
         # copied out of key/value first).

@@ -17,6 +17,9 @@ class HeadPlan:
     streaming_q_heads: torch.Tensor  # long, local query head indices (GQA groups of those KV heads)
     retrieval_kv_heads: torch.Tensor  # long, local KV head indices
     retrieval_q_heads: torch.Tensor  # long, local query head indices
+    # The retrieval heads are local heads [0, R) (``duo_vllm.head_order``): kernels take them as
+    # a slice of the layer's query and output. A host bool: read at every step, never synced.
+    retrieval_first: bool = False
 
     @property
     def any_retrieval(self) -> bool:
@@ -29,6 +32,7 @@ class HeadPlan:
     @property
     def all_retrieval(self) -> bool:
         return not self.any_streaming
+
 
     def to(self, device) -> "HeadPlan":
         """The same plan with its index tensors on ``device`` (kernels index with them)."""
@@ -47,9 +51,14 @@ def layer_index_from_name(layer_name: str) -> int:
     return numbers[0]
 
 
-def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int) -> HeadPlan:
+def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int,
+                   heads_reordered: bool = False) -> HeadPlan:
+    """The plan of a layer in the checkpoint's head order, or, once ``duo_vllm.head_order``
+    has reordered the layer's weights (``heads_reordered``), with its retrieval heads first."""
     index = layer_index_from_name(layer_name)
     retrieval = torch.from_numpy(runtime.local_retrieval_kv_heads(index).copy())
+    if heads_reordered:
+        retrieval = torch.sort(retrieval.to(torch.int8), descending=True, stable=True).values.bool()
     if retrieval.numel() != num_kv_heads:
         raise PatternError(
             f"Layer {layer_name} has {num_kv_heads} local KV heads but the pattern gives "
@@ -61,5 +70,7 @@ def plan_for_layer(runtime, layer_name: str, num_q_heads: int, num_kv_heads: int
 
     streaming_kv = torch.nonzero(~retrieval).flatten()
     retrieval_kv = torch.nonzero(retrieval).flatten()
+    r = retrieval_kv.numel()
     return HeadPlan(index, retrieval, streaming_kv, query_heads(streaming_kv),
-                    retrieval_kv, query_heads(retrieval_kv))
+                    retrieval_kv, query_heads(retrieval_kv),
+                    retrieval_first=bool(r) and bool(retrieval[:r].all()))

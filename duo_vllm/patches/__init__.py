@@ -18,10 +18,12 @@ def apply_all() -> None:
         backend_enum_pickle,
         cpu_platform_backend,
         engine_config_validation,
+        head_reorder_on_load,
         kv_cache_layout,
     )
 
     backend_enum_pickle.apply()
     cpu_platform_backend.apply()
     engine_config_validation.apply()
+    head_reorder_on_load.apply()
     kv_cache_layout.apply()

@@ -11,7 +11,8 @@ import pytest
 from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK, DuoConfig
 from duo_vllm.pattern import PatternError
 
-FIELDS = ["min_retrieval_per_layer", "pattern", "recent", "retrieval_ratio", "sink", "sparsity", "threshold"]
+FIELDS = ["min_retrieval_per_layer", "pattern", "recent", "reorder_heads", "retrieval_ratio", "sink", "sparsity",
+          "threshold"]
 
 
 def read(duo):
@@ -47,6 +48,7 @@ def test_field_names_are_the_documented_options():
         {"threshold": -3},
         {"threshold": 2.5, "min_retrieval_per_layer": 1},
         {"pattern": "/abs/path/duo_pattern.json"},
+        {"reorder_heads": False},
     ],
 )
 def test_valid_dicts_are_taken_verbatim(duo):
@@ -108,6 +110,12 @@ def test_unknown_key_lists_valid_options():
 def test_bad_fractions(name, value):
     with pytest.raises(PatternError, match=name):
         read({name: value})
+
+
+@pytest.mark.parametrize("value", [0, 1, "false", None, [True]])
+def test_bad_reorder_heads(value):
+    with pytest.raises(PatternError, match="reorder_heads.*true or false"):
+        read({"reorder_heads": value})
 
 
 @pytest.mark.parametrize("value", [True, "0.5", float("nan"), float("inf"), -float("inf"), [1]])

@@ -108,7 +108,14 @@ def one_shot(smollm2, duo_options, prompts):
         shared = prompts[2][:2048] + prompts[0][:300]  # hits the cached first 2048 tokens of prompt 2
         shared_out = llm.generate([TokensPrompt(prompt_token_ids=shared)],
                                   SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+        # Heads were reordered at load (retrieval first), so in-place weight reloads are refused.
+        try:
+            llm.collective_rpc("reload_weights")
+            reload_refusal = None
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            reload_refusal = str(exc)
     return {
+        "reload_refusal": reload_refusal,
         "logprobs": logprobs, "greedy": first,
         "again": [list(o.outputs[0].token_ids) for o in again],
         "again_cached": [o.num_cached_tokens for o in again],
@@ -153,6 +160,12 @@ def test_prefix_cache_hits_give_same_tokens(one_shot, chunked, prompts):
     assert one_shot["shared"] == chunked["greedy"][-1], "prefix-cache hit differs from a fresh prefill"
 
 
+def test_reordered_engine_refuses_in_place_weight_reload(one_shot):
+    """The engine above ran with its heads reordered (the default), and says how to reload."""
+    assert one_shot["reload_refusal"] is not None
+    assert "reorder_heads" in one_shot["reload_refusal"]
+
+
 def test_chunked_prefill_gives_same_tokens(one_shot, chunked):
     assert chunked["greedy"][:-1] == one_shot["greedy"]
 
@@ -160,12 +173,15 @@ def test_chunked_prefill_gives_same_tokens(one_shot, chunked):
 def test_quarter_retrieval_with_small_streaming_blocks(smollm2, pattern, prompts):
     """25% retrieval: the streaming group gets smaller blocks than the retrieval group (32 vs 128
     tokens), so chunk boundaries, gap freeing and prefix hits run on two block sizes. Prompt
-    log-probs match the reference; chunked prefill and a prefix-cache hit give the same tokens."""
+    log-probs match the reference; chunked prefill and a prefix-cache hit give the same tokens.
+    Heads keep the checkpoint's order here (``reorder_heads`` false: retrieval heads gathered at
+    every step), the path the other tests' engines (reordered at load) do not take."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     sparsity, prompt = 0.75, prompts[1]
-    options = {"duo": {"pattern": pattern, "sparsity": sparsity, "sink": SINK, "recent": RECENT}}
+    options = {"duo": {"pattern": pattern, "sparsity": sparsity, "sink": SINK, "recent": RECENT,
+                       "reorder_heads": False}}
     want = reference_run(smollm2, pattern, [prompt], sparsity, full_control=False)
     with offline_llm(smollm2, attention_backend="DUO", additional_config=options,
                      max_num_batched_tokens=512, **ENGINE) as llm:
