@@ -23,6 +23,9 @@ longest context each can hold; batch-1 TTFT and decode are then measured at that
 output; one request timed by vLLM's per-request stats, so one prefill) when that prefill is expected within
 ``--longest-budget-s``, else only the length is recorded.
 
+``--backends stock,duo,duo-gather`` adds a DUO engine that keeps the checkpoint's head order
+(``"reorder_heads": false``: retrieval heads gathered at every step), batch-1 lengths only.
+
     python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT
     python benchmarks/duo_speed.py --case llama2-7b-mha-25 --patterns PATTERNS --out $OUT --longest
     python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally

@@ -32,7 +32,7 @@ class DuoConfig:
     min_retrieval_per_layer : keep at least this many retrieval KV heads in every layer
     reorder_heads : put each layer's retrieval heads first by reordering its attention weights
         at load (``duo_vllm.head_order``), so kernels read head slices instead of gathering
-        heads at every step; false keeps the checkpoint's order (same results, slower)
+        heads at every step; false keeps the checkpoint's order (same results)
     """
 
     pattern: str | None = None

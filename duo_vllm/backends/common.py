@@ -20,7 +20,7 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionType, MultipleOf
 
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
-from duo_vllm.head_order import REORDERED_FLAG
+from duo_vllm.head_order import REORDERED_FLAG, checkpoint_order_reason
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
 from duo_vllm.runtime import runtime_from_vllm_config
 
@@ -109,7 +109,10 @@ class DuoImplMixin:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         # Resolving the pattern here makes every configuration error a start-up error.
-        self.runtime = runtime_from_vllm_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.runtime = runtime_from_vllm_config(vllm_config)
+        # None: duo_vllm.head_order may put this layer's retrieval heads first at load.
+        self.checkpoint_order_reason = checkpoint_order_reason(vllm_config)
         self._plan: HeadPlan | None = None
         self._device_plans: dict[torch.device, HeadPlan] = {}
 

@@ -33,7 +33,6 @@ class HeadPlan:
     def all_retrieval(self) -> bool:
         return not self.any_streaming
 
-
     def to(self, device) -> "HeadPlan":
         """The same plan with its index tensors on ``device`` (kernels index with them)."""
         return replace(self, **{f.name: getattr(self, f.name).to(device)

@@ -26,9 +26,11 @@ def apply() -> None:
             from duo_vllm import BACKEND_NAME
 
             if backend is not None and backend.name == BACKEND_NAME:
+                from duo_vllm.head_order import checkpoint_order_reason
                 from duo_vllm.runtime import runtime_from_vllm_config
 
                 runtime_from_vllm_config(config)
+                checkpoint_order_reason(config)
             return config
 
         return create_engine_config

@@ -126,3 +126,19 @@ def test_plan_of_a_reordered_layer_has_its_retrieval_heads_first():
     assert reordered.retrieval_first
     # Already retrieval-first in the checkpoint: the slice path needs no reordering.
     assert plan_for_layer(runtime, "model.layers.1.self_attn.attn", 8, 4).retrieval_first
+
+
+@pytest.mark.parametrize("engine_args,reason", [
+    ({}, None),
+    ({"enable_lora": True}, "LoRA"),
+    ({"additional_config": {"duo": {"reorder_heads": False}}}, "reorder_heads is false"),
+])
+def test_when_heads_keep_the_checkpoint_order(smollm2, engine_args, reason):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from duo_vllm.head_order import checkpoint_order_reason
+
+    args = {"additional_config": {"duo": {"sparsity": 0.5}}, **engine_args}
+    config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO", **args).create_engine_config()
+    got = checkpoint_order_reason(config)
+    assert got == reason if reason is None else reason in got

@@ -75,3 +75,14 @@ def test_serve_refuses_bad_sparsity(smollm2, good_pattern):
     assert code != 0
     assert '"sparsity" must be a number in [0, 1]' in log, log[-2000:]
     assert "Engine core initialization failed" not in log, "the error should come before any engine starts"
+
+
+def test_weight_cache_needs_the_checkpoint_head_order(smollm2, good_pattern):
+    """Weights post-processed by vLLM's preload daemon may or may not have had their heads
+    reordered there: DUO asks for reorder_heads false on both sides instead of guessing."""
+    from vllm import LLM
+
+    with pytest.raises(PatternError, match='reorder_heads": false') as info:
+        LLM(model=smollm2, enforce_eager=True, max_model_len=1024, attention_backend="DUO",
+            load_format="ipc_cache", additional_config={"duo": {"pattern": good_pattern}})
+    assert "\n" not in str(info.value).strip()
