@@ -15,9 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from duo_vllm.backends.head_plan import plan_for_layer
 from duo_vllm.config import DuoConfig
 from duo_vllm.head_order import _not_reorderable, head_rows, reorder_layer_heads
-from duo_vllm.backends.head_plan import plan_for_layer
 from duo_vllm.pattern import HeadPattern
 from duo_vllm.runtime import DuoRuntime
 
