@@ -71,6 +71,17 @@ CASES = {
 }
 
 
+# --backends: each engine's DUO options from the case's (None: stock FLASH_ATTN). "duo-gather"
+# keeps the checkpoint's head order (retrieval heads gathered at every step, duo_vllm.head_order).
+BACKENDS = {"stock": lambda duo: None, "duo": lambda duo: duo,
+            "duo-gather": lambda duo: {**duo, "reorder_heads": False}}
+
+
+def floor_kind(backend: str) -> str:
+    """Which floor a backend is held to: stock's, or DUO's (any DUO variant)."""
+    return "stock" if backend == "stock" else "duo"
+
+
 def parameters(config: dict) -> int:
     h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     d = config.get("head_dim", h // config["num_attention_heads"])
@@ -210,9 +221,8 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
 
     if longest_budget_s is not None:
         for backend in backends:
-            options = {"stock": None, "duo": duo, "duo-gather": {**duo, "reorder_heads": False}}[backend]
             results.setdefault("longest", {})[backend] = measure_longest(
-                model, case, options, decode_tokens, longest_budget_s, report)
+                model, case, BACKENDS[backend](duo), decode_tokens, longest_budget_s, report)
             path.write_text(json.dumps(results, indent=2))
         return results
     for n in case["lengths"]:
@@ -221,10 +231,8 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
         save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r)))
     if "duo" in backends:
         save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r)))
-    if "duo-gather" in backends:
-        # DUO in the checkpoint's head order (retrieval heads gathered and scattered at every
-        # step, duo_vllm.head_order): what reordering the heads at load buys, batch 1 only.
-        save("duo-gather", measure(model, {**case, "throughput": []}, {**duo, "reorder_heads": False},
+    if "duo-gather" in backends:  # what reordering the heads at load buys: batch 1 only
+        save("duo-gather", measure(model, {**case, "throughput": []}, BACKENDS["duo-gather"](duo),
                                    decode_tokens, lambda r: save("duo-gather", r)))
     for n, count in case["throughput"]:
         key = f"{count}x{n}"
@@ -240,7 +248,7 @@ def table(results: dict) -> str:
     if "longest" in results:
         lines = [f"{results['case']} on {results['device']}: the longest context each engine holds"]
         for backend, r in results["longest"].items():
-            kind = "stock" if backend == "stock" else "duo"
+            kind = floor_kind(backend)
             measured = (f"TTFT {r['ttft_s']} s (floor {r['floors'][f'{kind}_prefill_s']}), decode "
                         f"{r['decode_ms_per_token']} ms/token (floor {r['floors'][f'{kind}_decode_ms']:.2f})"
                         if "ttft_s" in r else r.get("skipped", ""))
@@ -335,7 +343,7 @@ def plot_longest(results: dict, png: Path) -> Path:
         values = [runs[n].get(key, 0) for n in names]
         ax.bar(names, values, color=["C0" if n == "stock" else "C1" for n in names])
         if floor_key:
-            floors = [runs[n].get("floors", {}).get(f"{'stock' if n == 'stock' else 'duo'}_{floor_key}")
+            floors = [runs[n].get("floors", {}).get(f"{floor_kind(n)}_{floor_key}")
                       for n in names]
             ax.plot(names, floors, "k_", markersize=30, label="floor")
             ax.legend(fontsize=7)
@@ -367,9 +375,9 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     args = parser.parse_args()
-    unknown = set(args.backends.split(",")) - {"stock", "duo", "duo-gather"}
+    unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
-        parser.error(f"unknown --backends {sorted(unknown)}: choose from stock, duo, duo-gather")
+        parser.error(f"unknown --backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
     if args.plot:
         print(plot(args.plot))
         return

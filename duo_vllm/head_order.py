@@ -26,16 +26,16 @@ logger = logging.getLogger("vllm.duo_vllm")
 REORDERED_FLAG = "duo_heads_reordered"  # set on each Attention layer whose weights were reordered
 
 
-def checkpoint_order_reason(vllm_config) -> str | None:
-    """Why this engine must keep the checkpoint's head order, or None when it may reorder.
+def checkpoint_order_reason(vllm_config, runtime) -> str | None:
+    """Why this engine (``runtime``: its DUO state) must keep the checkpoint's head order, or
+    None when it may reorder.
 
     Raises for weights post-processed by another process (``--load-format ipc_cache``, vLLM's
     weight-cache daemon): whether that process reordered them cannot be told from here.
     """
-    from duo_vllm.config import DuoConfig
     from duo_vllm.pattern import PatternError
 
-    if not DuoConfig.from_additional_config(vllm_config.additional_config).reorder_heads:
+    if not runtime.config.reorder_heads:
         return "reorder_heads is false"
     if str(getattr(vllm_config.load_config, "load_format", "")) == "ipc_cache":
         raise PatternError(
@@ -103,22 +103,23 @@ def reorder_layer_heads(qkv, o_proj, kv_order: torch.Tensor, group: int) -> None
     o_proj.weight.data.copy_(o_proj.weight.data.index_select(1, cols))
 
 
-def reorder_model_heads(model: nn.Module) -> None:
+def reorder_model_heads(model: nn.Module) -> int:
     """Put the retrieval heads first in every DUO attention layer of ``model`` whose heads can be
-    reordered, and tell the layer so. Idempotent: a layer already reordered is left alone."""
+    reordered, and tell the layer so; returns how many layers this call reordered. Idempotent: a
+    layer already reordered is left alone."""
     from duo_vllm.backends.common import DuoImplMixin
     from duo_vllm.backends.head_plan import plan_for_layer
 
     layers = [m for m in model.modules() if isinstance(getattr(m, "impl", None), DuoImplMixin)]
     if not layers:
-        return
+        return 0
     reason = layers[0].impl.checkpoint_order_reason
     if reason is None and any(getattr(m.impl, "kv_sharing_target_layer_name", None) for m in layers):
         # A layer reading another layer's cache would see that layer's head order.
         reason = "some layers share another layer's KV cache"
     if reason is not None:
         logger.info("DUO: attention heads keep the checkpoint's order (%s)", reason)
-        return
+        return 0
     skipped: dict[str, list[str]] = {}
     reordered = 0
     for layer in layers:
@@ -150,6 +151,7 @@ def reorder_model_heads(model: nn.Module) -> None:
     for why, names in skipped.items():
         logger.warning("DUO: %d attention layers keep the checkpoint's head order (%s; e.g. %s): their "
                        "retrieval heads are gathered at every step (same results)", len(names), why, names[0])
+    return reordered
 
 
 def has_reordered_heads(model: nn.Module) -> bool:

@@ -112,7 +112,7 @@ class DuoImplMixin:
         vllm_config = get_current_vllm_config()
         self.runtime = runtime_from_vllm_config(vllm_config)
         # None: duo_vllm.head_order may put this layer's retrieval heads first at load.
-        self.checkpoint_order_reason = checkpoint_order_reason(vllm_config)
+        self.checkpoint_order_reason = checkpoint_order_reason(vllm_config, self.runtime)
         self._plan: HeadPlan | None = None
         self._device_plans: dict[torch.device, HeadPlan] = {}
 

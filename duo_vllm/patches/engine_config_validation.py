@@ -29,8 +29,7 @@ def apply() -> None:
                 from duo_vllm.head_order import checkpoint_order_reason
                 from duo_vllm.runtime import runtime_from_vllm_config
 
-                runtime_from_vllm_config(config)
-                checkpoint_order_reason(config)
+                checkpoint_order_reason(config, runtime_from_vllm_config(config))
             return config
 
         return create_engine_config

@@ -24,10 +24,9 @@ def apply() -> None:
 
     def wrap_process(original):
         def process_weights_after_loading(model, model_config, target_device):
-            from duo_vllm.head_order import has_reordered_heads, reorder_model_heads
+            from duo_vllm.head_order import reorder_model_heads
 
-            reorder_model_heads(model)
-            if has_reordered_heads(model):
+            if reorder_model_heads(model):
                 _refuse_weight_updates()
             return original(model, model_config, target_device)
 

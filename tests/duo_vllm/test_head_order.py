@@ -137,8 +137,9 @@ def test_when_heads_keep_the_checkpoint_order(smollm2, engine_args, reason):
     from vllm.engine.arg_utils import EngineArgs
 
     from duo_vllm.head_order import checkpoint_order_reason
+    from duo_vllm.runtime import runtime_from_vllm_config
 
     args = {"additional_config": {"duo": {"sparsity": 0.5}}, **engine_args}
     config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO", **args).create_engine_config()
-    got = checkpoint_order_reason(config)
+    got = checkpoint_order_reason(config, runtime_from_vllm_config(config))
     assert got == reason if reason is None else reason in got
