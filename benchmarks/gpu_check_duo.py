@@ -41,18 +41,11 @@ def _engine(model, **kw):
                max_num_seqs=8, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]}, **kw)
 
 
-def kernel_check() -> list[dict]:
-    """The streaming kernel in bf16 against fp32 plain-torch Λ attention, Llama-3-8B shape."""
+def _paged_batch(requests, *, sink, recent, page, num_kv, d, gen, num_q_slots):
+    """Paged streaming cache holding only the blocks DUO keeps (gap blocks -> a NaN null block)."""
     import torch
 
-    from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
-    from duo_vllm.ops.triton_streaming import lambda_paged_attention
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    sink, recent, page, num_kv, group, d = 128, 256, 16, 4, 4, 128
-    # (sequence length, queries this step): decode at 128K and 2K, a first 8K chunk, a chunk at 100K
-    requests = [(131072, 1), (2048, 1), (8192, 8192), (100_000 + 4096, 4096)]
-    blocks_per_req = -(-max(n for n, _ in requests) // page)
+    blocks_per_req = max(1, max(-(-n // page) for n, _ in requests))
     table = torch.zeros(len(requests), blocks_per_req, dtype=torch.int32, device="cuda")
     num_blocks = 1 + sum(-(-n // page) for n, _ in requests)
     cache = torch.randn(num_blocks, num_kv, page, 2 * d, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -66,49 +59,84 @@ def kernel_check() -> list[dict]:
     q_lens = [q for _, q in requests]
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     seq_lens = torch.tensor([n for n, _ in requests], dtype=torch.int32, device="cuda")
-    query = torch.randn(int(starts[-1]), num_kv * group * 2, d, generator=gen, device="cuda", dtype=torch.bfloat16)
-    q_heads = torch.arange(num_kv * group, device="cuda") * 2
-    out = torch.zeros_like(query)
-    run = lambda: lambda_paged_attention(query, out, cache, table, starts, seq_lens, max(q_lens), q_heads,  # noqa: E731
-                                         num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5)
-    run()
+    query = torch.randn(max(1, int(starts[-1])), num_q_slots, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    return table, cache, starts, seq_lens, query
+
+
+def _graph_ms(call, reps: int = 20) -> float:
+    """GPU time of one call, replayed from a CUDA graph (as vLLM decodes): no launch overhead."""
+    import torch
+
+    call()
     torch.cuda.synchronize()
-    checks = []
-    for r, (n, q) in enumerate(requests):
-        begin = int(starts[r])
-        worst = 0.0
-        for c0 in range(n - q, n, 1024):  # reference in chunks of queries (keys gathered per chunk)
-            c1 = min(c0 + 1024, n)
-            k_pos = lambda_key_positions(c0, c1, sink=sink, recent=recent).cuda()
-            slots = table[r, k_pos // page].long() * page + k_pos % page
-            kv = cache.permute(0, 2, 1, 3).reshape(-1, num_kv, 2 * d)[slots].float()
-            rows = slice(begin + c0 - (n - q), begin + c1 - (n - q))
-            want = lambda_attention(query[rows][:, q_heads].float(), kv[..., :d], kv[..., d:],
-                                    torch.arange(c0, c1, device="cuda"), k_pos, sink=sink, recent=recent,
-                                    scale=d ** -0.5)
-            worst = max(worst, float((out[rows][:, q_heads].float() - want).abs().max()))
-        checks.append({"check": f"streaming kernel bf16 vs fp32 reference: length {n}, {q} queries",
-                       "max_abs_err": round(worst, 5), "finite": bool(out[begin:begin + q].isfinite().all())})
-    # time: decode batch of 32 at 128K, and one 16K-token prefill chunk
-    for name, reqs in (("decode, 32 requests at 128K", [(131072, 1)] * 32), ("prefill chunk of 16384", [(16384, 16384)])):
-        q_lens = [q for _, q in reqs]
-        st = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-        sl = torch.tensor([n for n, _ in reqs], dtype=torch.int32, device="cuda")
-        tb = table[:1].expand(len(reqs), -1).contiguous()
-        qq = torch.randn(int(st[-1]), num_kv * group * 2, d, device="cuda", dtype=torch.bfloat16)
-        oo = torch.empty_like(qq)
-        call = lambda: lambda_paged_attention(qq, oo, cache, tb, st, sl, max(q_lens), q_heads,  # noqa: E731
-                                              num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5)
-        call()
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(20):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
             call()
-        end.record()
+    graph.replay()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / reps
+
+
+def kernel_check() -> list[dict]:
+    """The streaming kernels in bf16 against fp32 plain-torch Λ attention, Llama-3-8B shape."""
+    import torch
+
+    from duo_vllm.ops.lambda_attention import lambda_attention, lambda_key_positions
+    from duo_vllm.ops.triton_streaming import lambda_paged_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sink, recent, page, num_kv, group, d = 128, 256, 16, 4, 4, 128
+    q_heads = torch.arange(num_kv * group, device="cuda") * 2
+    checks = []
+    # Mixed step (decode at 128K and 2K, a first 8K chunk, a chunk at 100K): the one-pass kernel.
+    # Decode-only step with a CUDA-graph padding request: split keys + merge (few programs).
+    for kind, requests in (("mixed", [(131072, 1), (2048, 1), (8192, 8192), (100_000 + 4096, 4096)]),
+                           ("decode-only (split keys)", [(131072, 1), (2048, 1), (300, 1), (0, 0)])):
+        table, cache, starts, seq_lens, query = _paged_batch(requests, sink=sink, recent=recent, page=page,
+                                                             num_kv=num_kv, d=d, gen=gen, num_q_slots=2 * num_kv * group)
+        out = torch.zeros_like(query)
+        lambda_paged_attention(query, out, cache, table, starts, seq_lens, max(q for _, q in requests), q_heads,
+                               num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5)
         torch.cuda.synchronize()
-        checks.append({"check": f"streaming kernel time, {name}, {num_kv} KV x {group} q heads",
-                       "ms_per_call": round(begin.elapsed_time(end) / 20, 4)})
+        for r, (n, q) in enumerate(requests):
+            if q == 0:
+                continue
+            begin = int(starts[r])
+            worst = 0.0
+            for c0 in range(n - q, n, 1024):  # reference in chunks of queries (keys gathered per chunk)
+                c1 = min(c0 + 1024, n)
+                k_pos = lambda_key_positions(c0, c1, sink=sink, recent=recent).cuda()
+                slots = table[r, k_pos // page].long() * page + k_pos % page
+                kv = cache.permute(0, 2, 1, 3).reshape(-1, num_kv, 2 * d)[slots].float()
+                rows = slice(begin + c0 - (n - q), begin + c1 - (n - q))
+                want = lambda_attention(query[rows][:, q_heads].float(), kv[..., :d], kv[..., d:],
+                                        torch.arange(c0, c1, device="cuda"), k_pos, sink=sink, recent=recent,
+                                        scale=d ** -0.5)
+                worst = max(worst, float((out[rows][:, q_heads].float() - want).abs().max()))
+            checks.append({"check": f"streaming kernel bf16 vs fp32 reference, {kind}: length {n}, {q} queries",
+                           "max_abs_err": round(worst, 5), "finite": bool(out[begin:begin + q].isfinite().all())})
+    # time (CUDA-graph replays): decode at 128K, batch 1 and 32, one program per KV head
+    # (num_splits 1) against the automatic split; and one 16K-token prefill chunk
+    timed = [("decode, 1 request at 128K", [(131072, 1)], 1), ("decode, 1 request at 128K", [(131072, 1)], None),
+             ("decode, 32 requests at 128K", [(131072, 1)] * 32, 1),
+             ("decode, 32 requests at 128K", [(131072, 1)] * 32, None),
+             ("prefill chunk of 16384", [(16384, 16384)], None)]
+    for name, reqs, splits in timed:
+        tb, cache, st, sl, qq = _paged_batch(reqs, sink=sink, recent=recent, page=page, num_kv=num_kv, d=d, gen=gen,
+                                             num_q_slots=2 * num_kv * group)
+        oo = torch.empty_like(qq)
+        call = lambda: lambda_paged_attention(qq, oo, cache, tb, st, sl, max(q for _, q in reqs), q_heads,  # noqa: E731
+                                              num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5,
+                                              num_splits=splits)
+        label = "" if splits is None else f", num_splits={splits}"
+        checks.append({"check": f"streaming kernel time, {name}, {num_kv} KV x {group} q heads{label}",
+                       "ms_per_call": round(_graph_ms(call), 4)})
     return checks
 
 

@@ -36,7 +36,7 @@ from kv_capacity import engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)
 FAMILIES = [
-    ("duo streaming (Triton)", r"lambda|_streaming"),
+    ("duo streaming (Triton)", r"lambda|_streaming|merge_splits"),
     ("duo kv store (Triton)", r"store_kv"),
     ("kv cache write", r"reshape_and_cache|cache_kernel"),  # before attention: "..._flash_kernel"
     ("attention (FA3/FA2)", r"flash|fmha"),

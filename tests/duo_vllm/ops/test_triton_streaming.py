@@ -31,7 +31,8 @@ def test_kernels_run_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(triton.language.standard.zeros, InterpretedFunction), "triton was imported first"
-    for name in ("_attend_key_range", "_lambda_paged_attention_kernel", "_store_kv_kernel"):
+    for name in ("_online_softmax_step", "_attend_key_range", "_lambda_paged_attention_kernel",
+                 "_lambda_decode_split_kernel", "_merge_splits_kernel", "_store_kv_kernel"):
         assert isinstance(getattr(kernels, name), InterpretedFunction), f"{name} is not interpreted"
 
 
@@ -84,20 +85,20 @@ def reference(batch, requests, *, sink, recent, scale):
     return out
 
 
-def run_kernel(batch, *, sink, recent, scale, num_kv):
+def run_kernel(batch, *, sink, recent, scale, num_kv, num_splits=None):
     output = torch.full_like(batch["query"], 7.0)
     lambda_paged_attention(batch["query"], output, batch["cache"], batch["block_table"], batch["query_start"],
                            batch["seq_lens"], batch["max_query_len"], batch["q_heads"], num_kv_heads=num_kv,
-                           sink=sink, recent=recent, scale=scale)
+                           sink=sink, recent=recent, scale=scale, num_splits=num_splits)
     return output
 
 
-def check(requests, *, sink, recent, page, num_kv, group, head_dim=16, seed=0):
+def check(requests, *, sink, recent, page, num_kv, group, head_dim=16, seed=0, num_splits=None):
     gen = torch.Generator().manual_seed(seed)
     batch = build_batch(requests, sink=sink, recent=recent, page=page, num_kv=num_kv, group=group,
                         head_dim=head_dim, gen=gen)
     scale = head_dim ** -0.5
-    output = run_kernel(batch, sink=sink, recent=recent, scale=scale, num_kv=num_kv)
+    output = run_kernel(batch, sink=sink, recent=recent, scale=scale, num_kv=num_kv, num_splits=num_splits)
     want = reference(batch, requests, sink=sink, recent=recent, scale=scale)
     other_heads = torch.ones(output.shape[1], dtype=torch.bool)
     other_heads[batch["q_heads"]] = False
@@ -116,9 +117,30 @@ def test_mixed_batch_matches_reference(group):
     check(requests, sink=6, recent=20, page=8, num_kv=2, group=group)
 
 
-def test_decode_only_batch_with_graph_padding():
-    requests = [(300, 1), (33, 1), (1, 1), (0, 0), (0, 0)]
-    check(requests, sink=16, recent=64, page=16, num_kv=3, group=2, head_dim=32)
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 50])
+def test_decode_only_batch_with_graph_padding(num_splits):
+    # 1: one program per (request, KV head); more: split keys + merge (50 is capped at one
+    # split per DECODE_BLOCK_N keys); the window straddles a sink/window split boundary
+    requests = [(300, 1), (33, 1), (1, 1), (0, 0), (0, 0), (97, 1)]
+    check(requests, sink=16, recent=64, page=16, num_kv=3, group=2, head_dim=32, num_splits=num_splits)
+
+
+@settings(max_examples=20, deadline=None)
+@given(sink=st.integers(1, 40), recent=st.integers(1, 120), page=st.sampled_from([1, 4, 16]),
+       group=st.sampled_from([1, 2, 5, 8]), num_splits=st.integers(2, 8),
+       seq_lens=st.lists(st.integers(0, 300), min_size=1, max_size=4), seed=st.integers(0, 10_000))
+def test_split_decode_matches_reference(sink, recent, page, group, num_splits, seq_lens, seed):
+    check([(n, 1 if n else 0) for n in seq_lens], sink=sink, recent=recent, page=page, num_kv=2, group=group,
+          seed=seed, num_splits=num_splits)
+
+
+def test_decode_splits_fill_the_sms_only_when_idle():
+    assert kernels.decode_splits(4, 132, 320) == 10  # batch 1, 4 streaming KV heads: one split per 32 keys
+    assert kernels.decode_splits(24, 132, 320) == 5  # enough to cover the SMs
+    assert kernels.decode_splits(64, 132, 320) == 2
+    assert kernels.decode_splits(128, 132, 320) == 1  # a full wave already: no merge pass
+    assert kernels.decode_splits(4, 132, 20) == 1  # a window shorter than one split
+    assert kernels.decode_splits(0, 132, 320) == 1
 
 
 def test_head_dim_not_power_of_two():
