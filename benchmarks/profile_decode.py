@@ -31,8 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from duo_speed import CASES  # noqa: E402
-from kv_capacity import engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+import duo_speed  # noqa: E402
+from duo_speed import CASES, parameters  # noqa: E402
+from kv_capacity import duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)
 FAMILIES = [
@@ -98,6 +99,19 @@ def profile(model: str, case: dict, duo: dict | None, context: int, steps: int) 
             "top_kernels_ms_per_token": {name[:160]: round(us / steps / 1e3, 4) for name, us in top}}
 
 
+def decode_floors(config: dict, report: dict, context: int, bandwidth: float) -> dict:
+    """HBM floors (bytes / bandwidth) of the families that stream memory: GEMMs read every
+    weight once per token, attention every cached K/V it attends to."""
+    def ms(num_bytes: float) -> float:
+        return round(num_bytes / bandwidth * 1e3, 3)
+
+    return {"bandwidth_bytes_per_s": bandwidth,
+            "gemm_weights_ms": ms(2 * parameters(config)),
+            "stock_attention_kv_ms": ms(report["stock_bytes_per_token"] * context),
+            "duo_retrieval_kv_ms": ms(report["retrieval_bytes_per_token"] * context),
+            "duo_streaming_kv_ms": ms(report["streaming_bytes_per_request"])}
+
+
 TOP_KERNELS = 25
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 
@@ -144,6 +158,10 @@ def main() -> None:
                          f"--context {args.context} --steps {args.steps}",
               "stock": profile(model, case, None, args.context, args.steps),
               "duo": profile(model, case, duo, args.context, args.steps)}
+    if torch.cuda.is_available():
+        duo_speed.set_device_floors(None, None)
+        report = duo_report(engine_kwargs(model, args.context + args.steps + 64, 0.9, duo))
+        result["floors"] = decode_floors(case["config"], report, args.context, duo_speed.BANDWIDTH)
     out = Path(args.out) / f"profile_decode_{args.case}_{args.context}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -155,6 +173,8 @@ def main() -> None:
         print(f"{f:<26}{result['stock']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}"
               f"{result['duo']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}")
     print(f"{'total':<26}{result['stock']['total_ms']:>9.3f}{result['duo']['total_ms']:>9.3f}")
+    if "floors" in result:
+        print("floors (ms):", ", ".join(f"{k} {v}" for k, v in result["floors"].items() if k.endswith("_ms")))
 
 
 if __name__ == "__main__":
