@@ -9,7 +9,9 @@ Cases (random weights of the real shapes, ``load_format="dummy"``; the published
                     TTFT and decode at 32K and 64K (the config's 32K position limit is raised:
                     random weights, so only speed and memory matter).
 Both engines use vLLM's defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs, chunked prefill)
-with the same capture sizes (1..256), prefix caching off, greedy, ignore_eos.
+with the same capture sizes (1..256), prefix caching off, greedy, ignore_eos. Batch-1 TTFT and
+decode ms/token come from one request each, timed by vLLM's per-request stats (first-token
+latency; engine-core time from the first to the last token).
 
 Floors (the device's HBM bandwidth and dense bf16 peak, ``DEVICES``; e.g. H100 SXM 3.35 TB/s and
 989 TFLOP/s, H200 4.8 TB/s and 989 TFLOP/s): decode = (weights + KV bytes read per token) /
@@ -20,8 +22,8 @@ plus the decode floor per step at the batch size that fits.
 ``--longest``: each engine starts with ``--max-model-len -1`` (vLLM's auto-fit; DUO lowers it to
 what one request needs at its peak) on the shape with its position limit raised, which gives the
 longest context each can hold; batch-1 TTFT and decode are then measured at that length (less the
-output; one request timed by vLLM's per-request stats, so one prefill) when that prefill is expected within
-``--longest-budget-s``, else only the length is recorded.
+output) when that prefill is expected within ``--longest-budget-s``, else only the length is
+recorded.
 
 ``--backends stock,duo,duo-gather`` adds a DUO engine that keeps the checkpoint's head order
 (``"reorder_heads": false``: retrieval heads gathered at every step), batch-1 lengths only.
@@ -113,6 +115,7 @@ def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_upd
 
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
     kwargs = engine_kwargs(model, max_len, 0.9, duo, enable_prefix_caching=False, max_num_seqs=256,
+                           disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
                            compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     start = time.time()
     llm = LLM(**kwargs)
@@ -128,10 +131,7 @@ def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_upd
 
     generate([synthetic_prompt(4096)], 8)  # warm-up: kernels compiled for prefill and decode
     for n in case["lengths"]:
-        ttft = generate([synthetic_prompt(n)], 1)
-        total = generate([synthetic_prompt(n)], decode_tokens + 1)
-        result["lengths"][str(n)] = {"ttft_s": round(ttft, 3),
-                                     "decode_ms_per_token": round((total - ttft) / decode_tokens * 1e3, 2)}
+        result["lengths"][str(n)] = timed_request(llm, synthetic_prompt(n), decode_tokens)
         print(("DUO" if duo else "stock"), n, result["lengths"][str(n)], flush=True)
         on_update(result)
     for n, count in case["throughput"]:
@@ -146,10 +146,27 @@ def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_upd
     return result
 
 
+def timed_request(llm, prompt, decode_tokens: int) -> dict:
+    """Batch-1 TTFT and decode ms/token of one request, from the engine's per-request stats
+    (needs ``disable_log_stats=False``): TTFT is its first-token latency, decode the engine-core
+    time between its first and last token. One prefill per figure, and none of its run-to-run
+    noise in the decode figure (when decode was the difference of two timed runs, 30 ms between
+    two 128K-token prefills moved each of 64 decode tokens by 0.5 ms)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, detokenize=False)
+    stats = llm.generate([prompt], params, use_tqdm=False)[0].metrics
+    if stats is None:
+        raise RuntimeError("no per-request stats: start the engine with disable_log_stats=False")
+    return {"ttft_s": round(stats.first_token_latency, 3),
+            "decode_ms_per_token": round((stats.last_token_ts - stats.first_token_ts)
+                                         / (stats.num_generation_tokens - 1) * 1e3, 2)}
+
+
 def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int, budget_s: float,
                     report: dict) -> dict:
     """The longest context the engine can hold (auto-fit), and batch-1 TTFT/decode there."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     kwargs = engine_kwargs(model, -1, 0.9, duo, enable_prefix_caching=False, max_num_seqs=8,
                            disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
@@ -166,15 +183,8 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
         result["skipped"] = (f"prefill of {n} tokens: floor {result['prefill_floor_s']} s, expected over the "
                              f"{budget_s:.0f} s budget (--longest-budget-s)")
     else:
-        params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True, detokenize=False)
-        llm.generate([synthetic_prompt(4096)], params, use_tqdm=False)  # warm-up
-        # one request, timed by the engine's own per-request stats: TTFT is its first-token
-        # latency, decode the engine-core time between its first and last token (one prefill, and
-        # no prefill-time noise in the decode figure)
-        stats = llm.generate([synthetic_prompt(n)], params, use_tqdm=False)[0].metrics
-        result.update(ttft_s=round(stats.first_token_latency, 2),
-                      decode_ms_per_token=round((stats.last_token_ts - stats.first_token_ts)
-                                                / (stats.num_generation_tokens - 1) * 1e3, 2))
+        timed_request(llm, synthetic_prompt(4096), decode_tokens)  # warm-up
+        result.update(timed_request(llm, synthetic_prompt(n), decode_tokens))
         result["floors"] = {k: round(v, 3) for k, v in floor.items()}
     print(("DUO" if duo else "stock"), "longest", result, flush=True)
     llm.llm_engine.engine_core.shutdown(timeout=60)
