@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Greedy decoding needs no top-k/top-p kernel, and FlashInfer's JIT-builds its sampling module
+# Greedy decoding needs no top-k/top-p kernel, and FlashInfer JIT-builds its sampling module
 # on first use where no prebuilt cubins are installed (the GPU machine: 105 s measured, one
 # engine of four). Same for all four engines, so the comparison is unchanged.
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
