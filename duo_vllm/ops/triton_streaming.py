@@ -11,8 +11,8 @@ streaming group's block table), so it runs inside CUDA graphs; only the grid's t
 
 Decode steps with few (request, streaming KV head) pairs, batch 1 above all, would leave most
 SMs idle while each program walks its few key tiles one dependent load after another; there the
-keys are split across programs (FlashDecoding's split-K) and a second launch merges the partial
-softmaxes (:func:`decode_splits` picks the split count from the grid size and the SM count, so
+keys are split across programs (FlashDecoding's split-K) and a second launch, one program per
+query head, merges the partial softmaxes (:func:`decode_splits` picks the split count from the grid size and the SM count, so
 it is fixed per CUDA-graph batch size).
 
 :func:`store_kv_heads` writes a layer's new K/V, retrieval heads into their cache and streaming
@@ -196,37 +196,35 @@ def _merge_splits_kernel(
     o_ptr, stride_ot, stride_oh,
     part_ptr, stride_pr, stride_pk, stride_ps, stride_pm,
     query_start_ptr, q_heads_ptr,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Combine a decode query's split partials (log-sum-exp) into its output rows."""
+    """Combine one query head's split partials (log-sum-exp) into its output row.
+
+    One program per (request, streaming query head), all splits loaded at once: walking the
+    splits one after another made the merge cost more than the split kernel itself (H200
+    profile: 0.18 against 0.12 ms per token at batch 1, 10 splits).
+    """
     req = tl.program_id(0)
-    kv = tl.program_id(1)
+    row = tl.program_id(1)  # streaming query head: KV head row // GROUP, GQA member row % GROUP
     q_begin = tl.load(query_start_ptr + req)
-    if tl.load(query_start_ptr + req + 1) == q_begin:
+    if tl.load(query_start_ptr + req + 1) == q_begin:  # padding request
         return
-    rows = tl.arange(0, BLOCK_M)
+    split = tl.arange(0, SPLITS_PAD)
+    s_mask = split < NUM_SPLITS
     d = tl.arange(0, BLOCK_D)
-    part = part_ptr + req.to(tl.int64) * stride_pr + kv * stride_pk + rows * stride_pm
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for split in range(NUM_SPLITS):
-        m_s = tl.load(part + split * stride_ps + BLOCK_D)
-        l_s = tl.load(part + split * stride_ps + BLOCK_D + 1)
-        acc_s = tl.load(part[:, None] + split * stride_ps + d[None, :])
-        m_new = tl.maximum(m_i, m_s)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        beta = tl.exp2(m_s - m_shift)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_i = m_new
-    row_valid = rows < GROUP
-    head = tl.load(q_heads_ptr + kv * GROUP + rows, mask=row_valid, other=0).to(tl.int64)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + q_begin.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & (d < HEAD_DIM)[None, :])
+    part = (part_ptr + req.to(tl.int64) * stride_pr + (row // GROUP) * stride_pk + (row % GROUP) * stride_pm
+            + split * stride_ps)
+    m_s = tl.load(part + BLOCK_D, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part + BLOCK_D + 1, mask=s_mask, other=0.0)
+    acc_s = tl.load(part[:, None] + d[None, :], mask=s_mask[:, None], other=0.0)
+    m = tl.max(m_s, 0)
+    weight = tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m))  # splits without keys: 0
+    total = tl.sum(l_s * weight, 0)
+    out = tl.sum(acc_s * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    head = tl.load(q_heads_ptr + row).to(tl.int64)
+    tl.store(o_ptr + q_begin.to(tl.int64) * stride_ot + head * stride_oh + d, out.to(o_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def decode_splits(num_programs: int, num_sms: int, max_keys: int) -> int:
@@ -315,11 +313,12 @@ def _split_decode(query, output, cache, block_table, query_start_loc, seq_lens, 
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
-    _merge_splits_kernel[(num_reqs, num_kv_heads)](
+    _merge_splits_kernel[(num_reqs, num_kv_heads * group)](
         output, output.stride(0), output.stride(1),
         partials, *strides,
         query_start_loc, q_heads,
-        GROUP=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        GROUP=group, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
     )
 
 
