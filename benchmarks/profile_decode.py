@@ -8,7 +8,10 @@ there. The engine runs in this process, stepped by hand, so that vLLM's own work
 (``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
 once the prefill has produced the first token and stops after ``--steps`` more, each of which must
 add one token (checked). CUDA graphs are off, so every kernel is visible; summed kernel time is
-what graphs cannot remove. The kernels are read from the trace the profiler writes. Same shapes
+what graphs cannot remove. ``--cuda-graphs`` profiles decode steps replayed from vLLM's graphs
+instead (not yet run on a GPU: read its family totals against the wall time). Either way the same number of decode steps
+is first timed without the profiler (``wall_ms_per_step_unprofiled``: kernels, launches or
+replays, scheduling, sampling), to set against the kernel sum. The kernels are read from the trace the profiler writes. Same shapes
 and patterns as duo_speed.py, dummy weights. On a GPU the JSON also holds the HBM floors of the
 families that stream memory (``decode_floors``: weights for the GEMMs, the K/V each engine's
 attention reads), to put each family's time next to its floor.
@@ -25,6 +28,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine.step() runs one step, here
@@ -57,7 +61,8 @@ def family(name: str) -> str:
     return next((f for f, pattern in FAMILIES if re.search(pattern, name, re.IGNORECASE)), "other")
 
 
-def profile(model: str, case: dict, duo: dict | None, context: int, steps: int) -> dict:
+def profile(model: str, case: dict, duo: dict | None, context: int, steps: int,
+            cuda_graphs: bool = False) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -65,24 +70,34 @@ def profile(model: str, case: dict, duo: dict | None, context: int, steps: int) 
     trace_dir = tempfile.mkdtemp(prefix="duo-profile-")
     profiler = {"profiler": "torch", "torch_profiler_dir": trace_dir, "torch_profiler_with_stack": False,
                 "torch_profiler_use_gzip": True, "ignore_frontend": True}
-    llm = LLM(**engine_kwargs(model, context + steps + 64, 0.9, duo, enforce_eager=True,
-                              enable_prefix_caching=False, max_num_seqs=4, profiler_config=profiler,
-                              distributed_executor_backend="uni"))
+    graphs = ({"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4]}} if cuda_graphs
+              else {"enforce_eager": True})
+    llm = LLM(**engine_kwargs(model, context + 2 * steps + 64, 0.9, duo, enable_prefix_caching=False,
+                              max_num_seqs=4, profiler_config=profiler, distributed_executor_backend="uni",
+                              **graphs))
     engine = llm.llm_engine
 
     def params():  # LLM.generate turns its params to FINAL_ONLY; each step must report its token here
-        return SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True, detokenize=False,
+        return SamplingParams(max_tokens=2 * steps + 4, temperature=0, ignore_eos=True, detokenize=False,
                               output_kind=RequestOutputKind.CUMULATIVE)
+
+    def decode_steps(last: int) -> int:  # one new token each
+        for _ in range(steps):
+            last = max([len(out.outputs[0].token_ids) for out in engine.step() if out.outputs] or [last])
+        return last
 
     llm.generate([synthetic_prompt(2048)], params(), use_tqdm=False)  # warm-up
     engine.add_request("profiled", synthetic_prompt(context), params())
     generated = 0
     while generated == 0 and engine.has_unfinished_requests():  # the (chunked) prefill: first token
         generated = max([len(out.outputs[0].token_ids) for out in engine.step() if out.outputs] or [0])
+    # Wall time of the same decode steps without the profiler: what a step costs end to end
+    # (kernels, launches or graph replays, scheduling, sampling), to set against the kernel sum.
+    start = time.perf_counter()
+    generated = decode_steps(generated)
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
     llm.start_profile()
-    last = generated
-    for _ in range(steps):  # decode steps only: one new token each
-        last = max([len(out.outputs[0].token_ids) for out in engine.step() if out.outputs] or [last])
+    last = decode_steps(generated)
     llm.stop_profile()  # the worker writes its trace before this returns
     while engine.has_unfinished_requests():
         engine.step()
@@ -96,7 +111,7 @@ def profile(model: str, case: dict, duo: dict | None, context: int, steps: int) 
         ms[family(name)] = ms.get(family(name), 0.0) + total_us / steps / 1e3
     ms = {k: round(v, 4) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
-    return {"decode_tokens_profiled": last - generated,
+    return {"decode_tokens_profiled": last - generated, "wall_ms_per_step_unprofiled": round(wall_ms, 3),
             "ms_per_decode_token_by_family": ms, "total_ms": round(sum(ms.values()), 3),
             "top_kernels_ms_per_token": {name[:160]: round(us / steps / 1e3, 4) for name, us in top}}
 
@@ -147,6 +162,8 @@ def main() -> None:
     parser.add_argument("--patterns", required=True, help="folder with the published DuoAttention patterns")
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="decode replaying vLLM's CUDA graphs (default: eager, every kernel launched)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     import torch
@@ -156,25 +173,31 @@ def main() -> None:
     duo = {"pattern": str(Path(args.patterns) / case["pattern"]), "sparsity": case["sparsity"]}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"device": device, "case": args.case, "context": args.context,
+              "mode": "CUDA graphs" if args.cuda_graphs else "eager",
               "command": f"python benchmarks/profile_decode.py --case {args.case} --patterns PATTERNS "
-                         f"--context {args.context} --steps {args.steps}",
-              "stock": profile(model, case, None, args.context, args.steps),
-              "duo": profile(model, case, duo, args.context, args.steps)}
+                         f"--context {args.context} --steps {args.steps}"
+                         + (" --cuda-graphs" if args.cuda_graphs else ""),
+              "stock": profile(model, case, None, args.context, args.steps, args.cuda_graphs),
+              "duo": profile(model, case, duo, args.context, args.steps, args.cuda_graphs)}
     if torch.cuda.is_available():
         duo_speed.set_device_floors(None, None)
-        report = duo_report(engine_kwargs(model, args.context + args.steps + 64, 0.9, duo))
+        report = duo_report(engine_kwargs(model, args.context + 2 * args.steps + 64, 0.9, duo))
         result["floors"] = decode_floors(case["config"], report, args.context, duo_speed.BANDWIDTH)
-    out = Path(args.out) / f"profile_decode_{args.case}_{args.context}.json"
+    suffix = "_graphs" if args.cuda_graphs else ""
+    out = Path(args.out) / f"profile_decode_{args.case}_{args.context}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     families = sorted(set(result["stock"]["ms_per_decode_token_by_family"]) | set(result["duo"]["ms_per_decode_token_by_family"]))
-    what = "GPU ms per decode token (eager)" if torch.cuda.is_available() else "CPU smoke run: ms of nested ops"
+    what = (f"GPU ms per decode token ({result['mode']})" if torch.cuda.is_available()
+            else "CPU smoke run: ms of nested ops")
     print(f"{args.case} at {args.context} tokens on {result['device']}: {what}")
     print(f"{'family':<26}{'stock':>9}{'DUO':>9}")
     for f in families:
         print(f"{f:<26}{result['stock']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}"
               f"{result['duo']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}")
     print(f"{'total':<26}{result['stock']['total_ms']:>9.3f}{result['duo']['total_ms']:>9.3f}")
+    print(f"{'wall per step, unprofiled':<26}{result['stock']['wall_ms_per_step_unprofiled']:>9.3f}"
+          f"{result['duo']['wall_ms_per_step_unprofiled']:>9.3f}")
     if "floors" in result:
         print("floors (ms):", ", ".join(f"{k} {v}" for k, v in result["floors"].items() if k.endswith("_ms")))
 
