@@ -7,7 +7,7 @@ gather/scatter, norms, rotary, sampling, other) so the next optimisation targets
 there. The engine runs in this process, stepped by hand, so that vLLM's own worker profiler
 (``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
 once the prefill has produced the first token and stops after ``--steps`` more, each of which must
-add one token (checked). CUDA graphs are off, so every kernel is visible; summed kernel time is
+add one token (checked). By default CUDA graphs are off, so every kernel is visible; summed kernel time is
 what graphs cannot remove. ``--cuda-graphs`` profiles decode steps replayed from vLLM's graphs
 instead (not yet run on a GPU: read its family totals against the wall time). Either way the
 same number of decode steps is first timed without the profiler (``wall_ms_per_step_unprofiled``:
