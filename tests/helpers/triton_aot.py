@@ -1,0 +1,114 @@
+"""Compile the CUDA path's Triton kernels for real GPU targets on a machine without a GPU.
+
+The interpreter tests check what the kernels compute; this checks that the GPU compiler accepts
+them (shapes, dtypes, constexpr branches), which no CPU-only CI would otherwise see before a GPU
+run. The wrappers in ``duo_vllm.ops.triton_streaming`` are called for real with small CPU
+tensors while every kernel is replaced by a recorder, so the compiled configurations are exactly
+the ones those wrappers launch; each recorded launch is then compiled with Triton's own
+ahead-of-time path (``triton.compile``, ``ptxas`` from the triton wheel) for each target.
+
+Run in a process where ``TRITON_INTERPRET`` is unset (the test suite's conftest sets it):
+``python -m tests.helpers.triton_aot``. Prints one line per compiled launch, exits non-zero on
+the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TARGETS = [("cuda", 90, 32), ("cuda", 80, 32)]  # Hopper (H100/H200), Ampere (A100)
+TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32", "int64": "i64"}
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **constexprs)`` is recorded."""
+
+    def __init__(self, fn, launches: list) -> None:
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **constexprs: self.launches.append((self.fn, args, constexprs))
+
+
+def signature(fn, args, constexprs) -> tuple[dict, dict]:
+    import torch
+
+    types, values = {}, {}
+    for name, arg in zip(fn.arg_names, args):
+        if isinstance(arg, torch.Tensor):
+            types[name] = "*" + TORCH_TO_TRITON[str(arg.dtype).removeprefix("torch.")]
+        elif isinstance(arg, bool) or not isinstance(arg, (int, float)):
+            raise TypeError(f"{fn.__name__}: argument {name} = {arg!r} has no Triton type here")
+        elif isinstance(arg, int):
+            types[name] = "i32" if -2**31 <= arg < 2**31 else "i64"
+        else:
+            types[name] = "fp32"
+    for name, value in constexprs.items():
+        types[name] = "constexpr"
+        values[(fn.arg_names.index(name),)] = value
+    missing = [n for n in fn.arg_names if n not in types]
+    if missing:
+        raise TypeError(f"{fn.__name__}: launch left out {missing}")
+    return types, values
+
+
+def record_launches() -> list:
+    """Every launch the wrappers make for a spread of real configurations."""
+    import torch
+
+    import duo_vllm.ops.triton_streaming as kernels
+
+    launches: list = []
+    for name in ("_lambda_paged_attention_kernel", "_lambda_decode_split_kernel", "_merge_splits_kernel",
+                 "_store_kv_kernel"):
+        setattr(kernels, name, Recorder(getattr(kernels, name), launches))
+
+    for dtype in (torch.bfloat16, torch.float32):  # fp16 takes bf16's code path
+        # (KV heads, GQA group, head size): Llama-3 GQA, MHA, a group of 5, a head size of 80
+        for num_kv, group, d in ((4, 4, 128), (24, 1, 128), (2, 5, 64), (3, 2, 80)):
+            num_q = num_kv * group
+            query = torch.zeros(8, 2 * num_q, d, dtype=dtype)
+            cache = torch.zeros(6, num_kv + 1, 16, 2 * d, dtype=dtype)
+            table = torch.zeros(3, 4, dtype=torch.int32)
+            starts = torch.tensor([0, 1, 2, 2], dtype=torch.int32)
+            seq_lens = torch.tensor([300, 40, 0], dtype=torch.int32)
+            q_heads = torch.arange(num_q) * 2
+            common = dict(num_kv_heads=num_kv, sink=64, recent=256, scale=d ** -0.5)
+            for max_query_len, splits in ((1, 1), (1, 10), (1, 3), (6, None)):  # decode, split decode, prefill
+                kernels.lambda_paged_attention(query, torch.empty_like(query), cache, table, starts, seq_lens,
+                                               max_query_len, q_heads, num_splits=splits, **common)
+            key = torch.zeros(8, 2 * num_kv, d, dtype=dtype)
+            slots = torch.zeros(8, dtype=torch.int64)
+            retrieval, streaming = torch.arange(num_kv), torch.arange(num_kv, 2 * num_kv)
+            kernels.store_kv_heads(key, key, [(retrieval, cache, slots), (streaming, cache, slots)])
+            kernels.store_kv_heads(key, key, [(retrieval[:0], cache, slots), (streaming, cache, slots)])
+    return launches
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        print("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions to compile", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    seen = set()
+    for fn, args, constexprs in record_launches():
+        types, values = signature(fn, args, constexprs)
+        key = (fn.__name__, tuple(sorted(types.items())), tuple(sorted(values.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        for backend, arch, warp in TARGETS:
+            compiled = triton.compile(ASTSource(fn=fn, signature=types, constexprs=values),
+                                      target=GPUTarget(backend, arch, warp))
+            consts = ", ".join(f"{fn.arg_names[i[0]]}={v}" for i, v in values.items())
+            print(f"sm_{arch} {fn.__name__} [{consts}]: {len(compiled.asm['cubin'])} B cubin", flush=True)
+    print(f"compiled {len(seen)} launch configurations for {len(TARGETS)} targets")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
