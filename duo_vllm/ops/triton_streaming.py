@@ -54,6 +54,19 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _score_key_tile(q, keys, n_mask, blocks_row_ptr, cache_ptr, stride_cb, stride_cs, head_off, d, d_mask,
+                    qk_scale, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores (log2 domain) of ``q`` against the keys at token positions ``keys`` of one request,
+    read through its block table, and their values; masked-out keys read as 0."""
+    blocks = tl.load(blocks_row_ptr + keys // PAGE, mask=n_mask, other=0).to(tl.int64)
+    base = cache_ptr + blocks[:, None] * stride_cb + head_off + (keys % PAGE)[:, None] * stride_cs + d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(base, mask=kv_mask, other=0.0)
+    v = tl.load(base + HEAD_DIM, mask=kv_mask, other=0.0)
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale, v
+
+
+@triton.jit
 def _attend_key_range(acc, m_i, l_i, q, pos, start, end, blocks_row_ptr, cache_ptr, stride_cb, stride_cs,
                       head_off, d, d_mask, qk_scale, SINK: tl.constexpr, RECENT: tl.constexpr,
                       PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,12 +75,8 @@ def _attend_key_range(acc, m_i, l_i, q, pos, start, end, blocks_row_ptr, cache_p
     for key0 in range(start, end, BLOCK_N):
         offs_n = key0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        blocks = tl.load(blocks_row_ptr + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        base = cache_ptr + blocks[:, None] * stride_cb + head_off + (offs_n % PAGE)[:, None] * stride_cs + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(base, mask=kv_mask, other=0.0)
-        v = tl.load(base + HEAD_DIM, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s, v = _score_key_tile(q, offs_n, n_mask, blocks_row_ptr, cache_ptr, stride_cb, stride_cs, head_off, d,
+                               d_mask, qk_scale, PAGE, HEAD_DIM, DOT_PRECISION)
         keys = offs_n[None, :]
         visible = n_mask[None, :] & (keys <= pos[:, None]) & ((keys < SINK) | (pos[:, None] - keys < RECENT))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(visible, s, float("-inf")), v, DOT_PRECISION)
@@ -172,16 +181,13 @@ def _lambda_decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     first = split * SPLIT_KEYS
-    for i0 in range(first, tl.minimum(first + SPLIT_KEYS, num_keys), BLOCK_N):
+    end = tl.minimum(first + SPLIT_KEYS, num_keys)
+    for i0 in range(first, end, BLOCK_N):
         i = i0 + tl.arange(0, BLOCK_N)
-        n_mask = i < tl.minimum(first + SPLIT_KEYS, num_keys)
+        n_mask = i < end
         keys = tl.where(i < sink_end, i, window_begin + i - sink_end)
-        blocks = tl.load(blocks_row_ptr + keys // PAGE, mask=n_mask, other=0).to(tl.int64)
-        base = cache_ptr + blocks[:, None] * stride_cb + head_off + (keys % PAGE)[:, None] * stride_cs + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(base, mask=kv_mask, other=0.0)
-        v = tl.load(base + HEAD_DIM, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s, v = _score_key_tile(q, keys, n_mask, blocks_row_ptr, cache_ptr, stride_cb, stride_cs, head_off, d,
+                               d_mask, qk_scale, PAGE, HEAD_DIM, DOT_PRECISION)
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, tl.where(n_mask[None, :], s, float("-inf")), v,
                                              DOT_PRECISION)
     # partials [R, KV, splits, BLOCK_M, BLOCK_D + 2]: weighted values, then max and sum

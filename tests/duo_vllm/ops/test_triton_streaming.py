@@ -31,7 +31,7 @@ def test_kernels_run_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
     assert isinstance(triton.language.standard.zeros, InterpretedFunction), "triton was imported first"
-    for name in ("_online_softmax_step", "_attend_key_range", "_lambda_paged_attention_kernel",
+    for name in ("_online_softmax_step", "_score_key_tile", "_attend_key_range", "_lambda_paged_attention_kernel",
                  "_lambda_decode_split_kernel", "_merge_splits_kernel", "_store_kv_kernel"):
         assert isinstance(getattr(kernels, name), InterpretedFunction), f"{name} is not interpreted"
 
