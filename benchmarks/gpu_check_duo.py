@@ -125,20 +125,20 @@ def kernel_check() -> list[dict]:
                            "max_abs_err": round(worst, 5), "finite": bool(out[begin:begin + q].isfinite().all())})
     # time (CUDA-graph replays): decode at 128K, batch 1 and 32, one program per KV head
     # (num_splits 1) against the automatic split; and one 16K-token prefill chunk
-    timed = [("decode, 1 request at 128K", [(131072, 1)], 1), ("decode, 1 request at 128K", [(131072, 1)], None),
-             ("decode, 32 requests at 128K", [(131072, 1)] * 32, 1),
-             ("decode, 32 requests at 128K", [(131072, 1)] * 32, None),
-             ("prefill chunk of 16384", [(16384, 16384)], None)]
-    for name, reqs, splits in timed:
+    timed = [("decode, 1 request at 128K", [(131072, 1)], (1, None)),
+             ("decode, 32 requests at 128K", [(131072, 1)] * 32, (1, None)),
+             ("prefill chunk of 16384", [(16384, 16384)], (None,))]
+    for name, reqs, split_choices in timed:
         tb, cache, st, sl, qq = _paged_batch(reqs, sink=sink, recent=recent, page=page, num_kv=num_kv, d=d, gen=gen,
                                              num_q_slots=2 * num_kv * group)
         oo = torch.empty_like(qq)
-        call = lambda: lambda_paged_attention(qq, oo, cache, tb, st, sl, max(q for _, q in reqs), q_heads,  # noqa: E731
-                                              num_kv_heads=num_kv, sink=sink, recent=recent, scale=d ** -0.5,
-                                              num_splits=splits)
-        label = "" if splits is None else f", num_splits={splits}"
-        checks.append({"check": f"streaming kernel time, {name}, {num_kv} KV x {group} q heads{label}",
-                       "ms_per_call": round(_graph_ms(call), 4)})
+        for splits in split_choices:  # one batch, timed with each split choice
+            call = lambda: lambda_paged_attention(qq, oo, cache, tb, st, sl, max(q for _, q in reqs),  # noqa: E731
+                                                  q_heads, num_kv_heads=num_kv, sink=sink, recent=recent,
+                                                  scale=d ** -0.5, num_splits=splits)
+            label = "" if splits is None else f", num_splits={splits}"
+            checks.append({"check": f"streaming kernel time, {name}, {num_kv} KV x {group} q heads{label}",
+                           "ms_per_call": round(_graph_ms(call), 4)})
     return checks
 
 
