@@ -320,7 +320,8 @@ def plot(json_path: str) -> Path:
             ax.set_xticks(list(xs), [f"{int(n) // 1024}K" for n in lengths])
             ax.set_title(f"{name}: {title}", fontsize=8)
         row[0].legend(fontsize=7)
-        keys = list(r["stock"].get("throughput", {}))
+        # a run cut short can leave a workload measured for stock only: plot the pairs
+        keys = [k for k in r["stock"].get("throughput", {}) if k in r.get("duo", {}).get("throughput", {})]
         if keys:
             for offset, key in ((-0.2, "stock"), (0.2, "duo")):
                 row[2].bar([x + offset for x in range(len(keys))],
