@@ -10,9 +10,11 @@ FLASH_ATTN's own mixed steps do under vLLM's default FULL_AND_PIECEWISE mode.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
-from vllm.utils.math_utils import cdiv
+import torch
+
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -26,6 +28,21 @@ from duo_vllm.ops.triton_streaming import lambda_paged_attention, store_kv_heads
 
 
 MAX_FA3_SPLITS = 128  # FA3's own cap on split-KV decode
+
+
+def fa3_decode_split_bound(num_sms: int, kv_heads: int, default: int) -> int:
+    """The split bound FA3 gets under CUDA graphs for a layer group with ``kv_heads`` heads.
+
+    FA3 picks each decode request's split count on the device (``flash_prepare_scheduler.cu``):
+    about one (head, split) tile per SM, so at batch 1 at most ceil(num_sms / (1.1 * heads)),
+    clipped to this bound. vLLM's default (32) clips that only for layers of fewer than ~4 heads,
+    which would leave SMs idle: raise the bound to what FA3 can use there, and no further, since
+    FA3 sizes its combine step by the bound (H200 profile, one decode token: 7.7 us per layer at
+    128, 2.9 us at 32). Heads count as KV heads (FA3 packs a KV head's query heads into one tile
+    at decode; unpacked, more heads need fewer splits, so this is still an upper bound). One
+    split more than the formula covers float rounding in FA3's ceilf.
+    """
+    return min(MAX_FA3_SPLITS, max(default, math.ceil(num_sms / (1.1 * kv_heads)) + 1))
 
 
 class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -50,11 +67,9 @@ class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             self.aot_schedule = False
         elif self.max_num_splits:
             # Under CUDA graphs FA3 splits a decode query's keys at most max_num_splits ways.
-            # A layer with few retrieval heads has few (head, split) work tiles and would leave
-            # most SMs idle: allow as many tiles as a layer with all heads gets.
-            model = vllm_config.model_config
-            all_heads = model.get_num_kv_heads(vllm_config.parallel_config)
-            self.max_num_splits = min(MAX_FA3_SPLITS, self.max_num_splits * cdiv(all_heads, kv_cache_spec.num_kv_heads))
+            self.max_num_splits = fa3_decode_split_bound(
+                torch.cuda.get_device_properties(device).multi_processor_count,
+                kv_cache_spec.num_kv_heads, self.max_num_splits)
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
         # A shared-prefix cascade would split requests differently in the two groups.
