@@ -183,6 +183,14 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         return runtime
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        # Not verified: vLLM 0.32's CPU build cannot run pipeline parallelism (stock attention
+        # fails too), and no multi-GPU run has checked DUO's KV groups and memory plan per stage.
+        raise PatternError(
+            f"DUO does not support pipeline parallelism yet (--pipeline-parallel-size "
+            f"{parallel.pipeline_parallel_size}): split the model with --tensor-parallel-size instead, "
+            "or serve it without --attention-backend DUO."
+        )
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 

@@ -86,3 +86,15 @@ def test_weight_cache_needs_the_checkpoint_head_order(smollm2, good_pattern):
         LLM(model=smollm2, enforce_eager=True, max_model_len=1024, attention_backend="DUO",
             load_format="ipc_cache", additional_config={"duo": {"pattern": good_pattern}})
     assert "\n" not in str(info.value).strip()
+
+
+def test_pipeline_parallelism_is_refused_before_any_engine_starts(smollm2, good_pattern):
+    """Not verified anywhere yet (vLLM's CPU build cannot run it even for stock attention): a
+    clear refusal naming tensor parallelism rather than an untested KV layout per stage."""
+    from vllm import LLM
+
+    with pytest.raises(PatternError, match="--tensor-parallel-size") as info:
+        LLM(model=smollm2, enforce_eager=True, max_model_len=1024, attention_backend="DUO",
+            pipeline_parallel_size=2, distributed_executor_backend="mp",
+            additional_config={"duo": {"pattern": good_pattern}})
+    assert "pipeline parallelism" in str(info.value) and "\n" not in str(info.value).strip()
