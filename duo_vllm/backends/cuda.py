@@ -39,9 +39,9 @@ def fa3_decode_split_bound(num_sms: int, kv_heads: int, default: int) -> int:
     which would leave SMs idle: raise the bound to what FA3 can use there, and no further, since
     FA3 sizes its combine step by the bound (H200 decode profile, Llama-2-7B at 64K: the combine
     took 0.25 ms per token under DUO's earlier bounds of up to 128, with a quarter of the heads,
-    against 0.09 ms for stock's 32). Heads count as KV heads (FA3 packs a KV head's query heads into one tile
-    at decode; unpacked, more heads need fewer splits, so this is still an upper bound). One
-    split more than the formula covers float rounding in FA3's ceilf.
+    against 0.09 ms for stock's 32). Heads count as KV heads (FA3 packs a KV head's query heads
+    into one tile at decode; unpacked, more heads need fewer splits, so this is still an upper
+    bound). One split more than the formula covers float rounding in FA3's ceilf.
     """
     return min(MAX_FA3_SPLITS, max(default, math.ceil(num_sms / (1.1 * kv_heads)) + 1))
 
