@@ -195,3 +195,16 @@ def test_quarter_retrieval_with_small_streaming_blocks(smollm2, pattern, prompts
     assert first == want["greedy"][0]
     assert again.num_cached_tokens >= len(prompt) - 256
     assert list(again.outputs[0].token_ids) == first
+
+
+def test_compiled_engine_gives_the_reference_tokens(smollm2, duo_options, prompts, reference):
+    """vLLM's default mode (torch.compile, DUO attention as the graph's splitting op) rather than
+    the eager mode of the other tests: the same greedy tokens as the reference."""
+    from vllm.config import CompilationMode
+
+    engine = {**ENGINE, "enforce_eager": False}
+    with offline_llm(smollm2, attention_backend="DUO", additional_config=duo_options, **engine) as llm:
+        mode = llm.llm_engine.vllm_config.compilation_config.mode
+        assert mode is not None and mode != CompilationMode.NONE, f"the engine did not compile ({mode!r})"
+        tokens = greedy_tokens(llm, prompts[:2], NEW_TOKENS)
+    assert tokens == reference["greedy"][:2]
