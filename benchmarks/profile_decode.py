@@ -9,7 +9,7 @@ there. The engine runs in this process, stepped by hand, so that vLLM's own work
 once the prefill has produced the first token and stops after ``--steps`` more, each of which must
 add one token (checked). By default CUDA graphs are off, so every kernel is visible; summed kernel time is
 what graphs cannot remove. ``--cuda-graphs`` profiles decode steps replayed from vLLM's graphs
-instead (not yet run on a GPU: read its family totals against the wall time). Either way the
+instead (what serving runs; ``results/profile_decode_h200_*_graphs.json``). Either way the
 same number of decode steps is first timed without the profiler (``wall_ms_per_step_unprofiled``:
 kernels, launches or replays, scheduling, sampling), to set against the kernel sum. The kernels
 are read from the trace the profiler writes. Same shapes and patterns as duo_speed.py, dummy

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from duo_vllm.pattern import load_pattern
+from tests.duo_vllm.backends.test_cpu_vs_reference import duo_prompt_logprobs
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
 from tests.helpers.llm import offline_llm
 
@@ -95,16 +96,10 @@ def reference_logprobs(folder, mask, prompts, *, duo: bool) -> list[np.ndarray]:
 
 
 def vllm_logprobs(folder, pattern, prompts) -> list[np.ndarray]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     duo = {"duo": {"pattern": pattern, "sparsity": SPARSITY, "sink": SINK, "recent": RECENT}}
     with offline_llm(folder, attention_backend="DUO", additional_config=duo, dtype="float32",
                      enforce_eager=True, max_model_len=1024, seed=0) as llm:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    return [np.array([lp[tok].logprob for lp, tok in zip(o.prompt_logprobs[1:], p[1:])])
-            for o, p in zip(outs, prompts)]
+        return duo_prompt_logprobs(llm, prompts)
 
 
 def test_prompt_logprobs_match_the_reference(family_model, prompts, tmp_path):
