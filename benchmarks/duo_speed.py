@@ -25,8 +25,10 @@ longest context each can hold; batch-1 TTFT and decode are then measured at that
 output) when that prefill is expected within ``--longest-budget-s``, else only the length is
 recorded.
 
-``--backends stock,duo,duo-gather`` adds a DUO engine that keeps the checkpoint's head order
-(``"reorder_heads": false``: retrieval heads gathered at every step), batch-1 lengths only.
+``--backends stock,duo,duo-gather,duo-overlap`` adds DUO engines that differ in one option, batch-1
+lengths only: ``duo-gather`` keeps the checkpoint's head order (``"reorder_heads": false``:
+retrieval heads gathered at every step), ``duo-overlap`` runs the streaming heads on a second CUDA
+stream beside FA3 (``"overlap_streaming": true``) instead of after it.
 
     python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT
     python benchmarks/duo_speed.py --case llama2-7b-mha-25 --patterns PATTERNS --out $OUT --longest
@@ -73,10 +75,13 @@ CASES = {
 }
 
 
-# --backends: each engine's DUO options from the case's (None: stock FLASH_ATTN). "duo-gather"
-# keeps the checkpoint's head order (retrieval heads gathered at every step, duo_vllm.head_order).
+# --backends: each engine's DUO options from the case's (None: stock FLASH_ATTN). The variants
+# change one option; the table names what each one does.
 BACKENDS = {"stock": lambda duo: None, "duo": lambda duo: duo,
-            "duo-gather": lambda duo: {**duo, "reorder_heads": False}}
+            "duo-gather": lambda duo: {**duo, "reorder_heads": False},
+            "duo-overlap": lambda duo: {**duo, "overlap_streaming": True}}
+VARIANTS = {"duo-gather": "DUO with heads in checkpoint order (gathered each step)",
+            "duo-overlap": "DUO with streaming heads beside FA3 on a second stream"}
 
 
 def floor_kind(backend: str) -> str:
@@ -241,9 +246,9 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
         save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r)))
     if "duo" in backends:
         save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r)))
-    if "duo-gather" in backends:  # what reordering the heads at load buys: batch 1 only
-        save("duo-gather", measure(model, {**case, "throughput": []}, BACKENDS["duo-gather"](duo),
-                                   decode_tokens, lambda r: save("duo-gather", r)))
+    for variant in (b for b in backends if b in VARIANTS):  # what one option buys: batch 1 only
+        save(variant, measure(model, {**case, "throughput": []}, BACKENDS[variant](duo),
+                              decode_tokens, lambda r, v=variant: save(v, r)))
     for n, count in case["throughput"]:
         key = f"{count}x{n}"
         results["floors"][key] = {
@@ -279,11 +284,11 @@ def table(results: dict) -> str:
                      f"{a['decode_ms_per_token']:>7.2f}ms {b['decode_ms_per_token']:>6.2f}ms "
                      f"{a['decode_ms_per_token'] / b['decode_ms_per_token']:>5.2f} "
                      f"{f['stock_decode_ms']:>6.2f}/{f['duo_decode_ms']:<6.2f}")
-    for n, g in results.get("duo-gather", {}).get("lengths", {}).items():
-        b = d.get("lengths", {}).get(n)
-        lines.append(f"{int(n) // 1024:>8}K DUO with heads in checkpoint order (gathered each step): TTFT "
-                     f"{g['ttft_s']:.2f}s, decode {g['decode_ms_per_token']:.2f}ms"
-                     + (f" (reordered: {b['decode_ms_per_token']:.2f}ms)" if b else ""))
+    for variant, label in VARIANTS.items():
+        for n, g in results.get(variant, {}).get("lengths", {}).items():
+            b = d.get("lengths", {}).get(n)
+            lines.append(f"{int(n) // 1024:>8}K {label}: TTFT {g['ttft_s']:.2f}s, decode "
+                         f"{g['decode_ms_per_token']:.2f}ms" + (f" (DUO: {b['decode_ms_per_token']:.2f}ms)" if b else ""))
     for key in s.get("throughput", {}):
         a, b = s["throughput"][key], d.get("throughput", {}).get(key)
         if b:
@@ -375,7 +380,8 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine per-case files into --out/duo_speed.json")
     parser.add_argument("--case", choices=sorted(CASES))
     parser.add_argument("--backends", default="stock,duo",
-                        help="comma-separated: stock, duo, and duo-gather (DUO with reorder_heads off)")
+                        help="comma-separated: stock, duo, duo-gather (DUO with reorder_heads off), "
+                             "duo-overlap (DUO with overlap_streaming on)")
     parser.add_argument("--patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--decode-tokens", type=int, default=64)

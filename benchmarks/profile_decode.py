@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import duo_speed  # noqa: E402
-from duo_speed import CASES, parameters  # noqa: E402
+from duo_speed import BACKENDS, CASES, parameters  # noqa: E402
 from kv_capacity import duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)
@@ -73,8 +73,7 @@ def profile(model: str, case: dict, duo: dict | None, context: int, steps: int,
                 "torch_profiler_use_gzip": True, "ignore_frontend": True}
     graphs = ({"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4]}} if cuda_graphs
               else {"enforce_eager": True})
-    # 0.8, not 0.9: both engines run in this process, and with CUDA graphs the first one's graph
-    # pools are not all returned before the second starts (H200: 15 GiB still held).
+    # 0.8, as in the runs in results/ (when engines shared one process, graph pools held 15 GiB).
     llm = LLM(**engine_kwargs(model, context + 2 * steps + 64, 0.8, duo, enable_prefix_caching=False,
                               max_num_seqs=4, profiler_config=profiler, distributed_executor_backend="uni",
                               **graphs))
@@ -159,6 +158,17 @@ def kernel_times_us(trace_dir: str, cuda: bool) -> dict[str, float]:
     return totals
 
 
+def profile_in_child(*args) -> dict:
+    """``profile`` in a fresh process: an engine's KV cache and CUDA-graph pools are not all
+    returned when it shuts down (H200, engines in one process at 0.8 of memory: the third found
+    15.8 GiB of 139.8 free), so each engine gets a process of its own and starts on an empty GPU."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(profile, *args).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=sorted(CASES), required=True)
@@ -167,8 +177,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="decode replaying vLLM's CUDA graphs (default: eager, every kernel launched)")
+    parser.add_argument("--backends", default="stock,duo",
+                        help="comma-separated engines to profile, from duo_speed's: "
+                             "stock, duo, duo-gather, duo-overlap")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    backends = args.backends.split(",")
+    if set(backends) - set(BACKENDS) or not backends:
+        parser.error(f"unknown --backends {sorted(set(backends) - set(BACKENDS))}: choose from {', '.join(BACKENDS)}")
     import torch
 
     case = CASES[args.case]
@@ -179,28 +195,30 @@ def main() -> None:
               "mode": "CUDA graphs" if args.cuda_graphs else "eager",
               "command": f"python benchmarks/profile_decode.py --case {args.case} --patterns PATTERNS "
                          f"--context {args.context} --steps {args.steps}"
-                         + (" --cuda-graphs" if args.cuda_graphs else ""),
-              "stock": profile(model, case, None, args.context, args.steps, args.cuda_graphs),
-              "duo": profile(model, case, duo, args.context, args.steps, args.cuda_graphs)}
+                         + (" --cuda-graphs" if args.cuda_graphs else "")
+                         + (f" --backends {args.backends}" if backends != ["stock", "duo"] else "")}
+    suffix = ("_graphs" if args.cuda_graphs else "") + ("" if backends == ["stock", "duo"] else "_" + "_".join(backends))
+    out = Path(args.out) / f"profile_decode_{args.case}_{args.context}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for backend in backends:  # written after each engine: a cut-short run keeps what it measured
+        result[backend] = profile_in_child(model, case, BACKENDS[backend](duo), args.context, args.steps,
+                                           args.cuda_graphs)
+        out.write_text(json.dumps(result, indent=2))
     if torch.cuda.is_available():
         duo_speed.set_device_floors(None, None)
         report = duo_report(engine_kwargs(model, args.context + 2 * args.steps + 64, 0.9, duo))
         result["floors"] = decode_floors(case["config"], report, args.context, duo_speed.BANDWIDTH)
-    suffix = "_graphs" if args.cuda_graphs else ""
-    out = Path(args.out) / f"profile_decode_{args.case}_{args.context}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    families = sorted(set(result["stock"]["ms_per_decode_token_by_family"]) | set(result["duo"]["ms_per_decode_token_by_family"]))
+    families = sorted(set().union(*(result[b]["ms_per_decode_token_by_family"] for b in backends)))
     what = (f"GPU ms per decode token ({result['mode']})" if torch.cuda.is_available()
             else "CPU smoke run: ms of nested ops")
     print(f"{args.case} at {args.context} tokens on {result['device']}: {what}")
-    print(f"{'family':<26}{'stock':>9}{'DUO':>9}")
+    print(f"{'family':<26}" + "".join(f"{b:>11}" for b in backends))
     for f in families:
-        print(f"{f:<26}{result['stock']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}"
-              f"{result['duo']['ms_per_decode_token_by_family'].get(f, 0):>9.3f}")
-    print(f"{'total':<26}{result['stock']['total_ms']:>9.3f}{result['duo']['total_ms']:>9.3f}")
-    print(f"{'wall per step, unprofiled':<26}{result['stock']['wall_ms_per_step_unprofiled']:>9.3f}"
-          f"{result['duo']['wall_ms_per_step_unprofiled']:>9.3f}")
+        print(f"{f:<26}" + "".join(f"{result[b]['ms_per_decode_token_by_family'].get(f, 0):>11.3f}" for b in backends))
+    print(f"{'total':<26}" + "".join(f"{result[b]['total_ms']:>11.3f}" for b in backends))
+    print(f"{'wall per step, unprofiled':<26}" + "".join(f"{result[b]['wall_ms_per_step_unprofiled']:>11.3f}"
+                                                          for b in backends))
     if "floors" in result:
         print("floors (ms):", ", ".join(f"{k} {v}" for k, v in result["floors"].items() if k.endswith("_ms")))
 

@@ -209,6 +209,15 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         checkpoint_config=_checkpoint_config(model_config),
     )
     logger.info(runtime.summary(model_config.max_model_len))
+    if runtime.config.overlap_streaming:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            logger.warning("DUO option overlap_streaming has no effect on %s: the streaming heads run after "
+                           "the retrieval heads.", current_platform.device_type)
+        elif parallel.use_ubatching:
+            logger.warning("DUO option overlap_streaming is off under micro-batching (--enable-dbo or "
+                           "--ubatch-size): the streaming heads run after the retrieval heads.")
     if vllm_config.cache_config.block_size:
         from duo_vllm.kv_cache.report import kv_report
 

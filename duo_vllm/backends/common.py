@@ -12,6 +12,7 @@ Platform files supply the streaming pass and glue these to vLLM's kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -169,7 +170,8 @@ class DuoImplMixin:
                                    output_scale, output_block_scale)
         num_tokens = attn_metadata.num_actual_tokens
         out_heads = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        if plan.any_retrieval:
+
+        def retrieval() -> None:
             q_heads = plan.retrieval_q_heads
             r = plan.retrieval_kv_heads.numel()
             if plan.retrieval_first:
@@ -179,21 +181,34 @@ class DuoImplMixin:
             else:
                 q_retrieval, out_retrieval = query[:num_tokens, q_heads], None
             if out_retrieval is not None and self.kernel_takes_head_slices:
-                super().forward(layer, q_retrieval, key, value, kv_cache[:, :r], attn_metadata,
-                                out_retrieval, output_scale, output_block_scale)
+                super(DuoImplMixin, self).forward(layer, q_retrieval, key, value, kv_cache[:, :r], attn_metadata,
+                                                  out_retrieval, output_scale, output_block_scale)
             else:
                 # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
                 partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
                                       dtype=output.dtype, device=output.device)
-                super().forward(layer, q_retrieval.contiguous(), key, value, kv_cache[:, :r],
-                                attn_metadata, partial, output_scale, output_block_scale)
+                super(DuoImplMixin, self).forward(layer, q_retrieval.contiguous(), key, value, kv_cache[:, :r],
+                                                  attn_metadata, partial, output_scale, output_block_scale)
                 if out_retrieval is not None:
                     out_retrieval.copy_(partial)
                 else:
                     out_heads[:, q_heads] = partial
-        cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
-        self.streaming_forward(plan, query, out_heads, cache, metadata)
+
+        def streaming() -> None:
+            cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
+            self.streaming_forward(plan, query, out_heads, cache, metadata)
+
+        if plan.any_retrieval:
+            self.run_both(retrieval, streaming)
+        else:
+            streaming()
         return output
+
+    def run_both(self, retrieval: Callable[[], None], streaming: Callable[[], None]) -> None:
+        """Run a layer's retrieval and streaming heads (they write disjoint output heads); a
+        platform may run them concurrently."""
+        retrieval()
+        streaming()
 
     def write_kv(self, layer, plan: HeadPlan, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, streaming_cache: torch.Tensor, streaming_slots: torch.Tensor) -> None:

@@ -15,6 +15,8 @@ from typing import ClassVar
 
 import torch
 
+from vllm.config import get_current_vllm_config
+from vllm.utils.torch_utils import aux_stream, current_stream
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -80,6 +82,39 @@ class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
     # FlashAttention takes q and out with any row and head strides (last dim contiguous).
     kernel_takes_head_slices = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # vLLM's one auxiliary stream (its MoE shared-expert overlap uses it too). Not with
+        # micro-batching (DBO), whose two threads would share this layer's events.
+        ubatching = get_current_vllm_config().parallel_config.use_ubatching
+        overlap = self.runtime.config.overlap_streaming and not ubatching
+        self._side_stream = aux_stream() if overlap else None
+        if self._side_stream is not None:
+            self._inputs_ready, self._streaming_done = torch.cuda.Event(), torch.cuda.Event()
+
+    def run_both(self, retrieval, streaming) -> None:
+        """With ``overlap_streaming``: streaming heads on the side stream while FA3 runs the
+        retrieval heads.
+
+        At batch-1 decode the streaming kernels' few programs are latency-bound (H200: 0.18-0.28
+        ms per token in series), and FA3's split count leaves some SMs idle. Side by side they
+        hide part of that but also slow FA3 (H200 profiles in docs/STATUS.md: a net gain with
+        many streaming heads, a net loss with few), hence off by default. Events, not stream
+        syncs, so CUDA-graph capture records the fork and join; the join comes before the layer
+        returns, so nothing the main stream frees or reuses afterwards is still being read.
+        """
+        if self._side_stream is None:
+            super().run_both(retrieval, streaming)
+            return
+        main = current_stream()
+        self._inputs_ready.record(main)
+        with torch.cuda.stream(self._side_stream):
+            self._inputs_ready.wait(self._side_stream)
+            streaming()
+            self._streaming_done.record(self._side_stream)
+        retrieval()
+        self._streaming_done.wait(main)
 
     def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
         # One launch for both caches (FLASH_ATTN's own write would need the retrieval heads

@@ -11,8 +11,8 @@ import pytest
 from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK, DuoConfig
 from duo_vllm.pattern import PatternError
 
-FIELDS = ["min_retrieval_per_layer", "pattern", "recent", "reorder_heads", "retrieval_ratio", "sink", "sparsity",
-          "threshold"]
+FIELDS = ["min_retrieval_per_layer", "overlap_streaming", "pattern", "recent", "reorder_heads", "retrieval_ratio",
+          "sink", "sparsity", "threshold"]
 
 
 def read(duo):
@@ -49,6 +49,7 @@ def test_field_names_are_the_documented_options():
         {"threshold": 2.5, "min_retrieval_per_layer": 1},
         {"pattern": "/abs/path/duo_pattern.json"},
         {"reorder_heads": False},
+        {"overlap_streaming": False},
     ],
 )
 def test_valid_dicts_are_taken_verbatim(duo):
@@ -112,10 +113,11 @@ def test_bad_fractions(name, value):
         read({name: value})
 
 
+@pytest.mark.parametrize("name", ["reorder_heads", "overlap_streaming"])
 @pytest.mark.parametrize("value", [0, 1, "false", None, [True]])
-def test_bad_reorder_heads(value):
-    with pytest.raises(PatternError, match="reorder_heads.*true or false"):
-        read({"reorder_heads": value})
+def test_bad_switches(name, value):
+    with pytest.raises(PatternError, match=f"{name}.*true or false"):
+        read({name: value})
 
 
 @pytest.mark.parametrize("value", [True, "0.5", float("nan"), float("inf"), -float("inf"), [1]])

@@ -332,3 +332,31 @@ def test_layer_index_from_name(name, index):
 def test_layer_index_from_name_rejects_ambiguous(name):
     with pytest.raises(PatternError, match="decoder layer"):
         layer_index_from_name(name)
+
+
+def test_overlap_streaming_on_cpu_is_reported_not_ignored(smollm2, monkeypatch):
+    """The option only changes CUDA; asking for it elsewhere logs that it does nothing."""
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    import duo_vllm.runtime as runtime_module
+
+    for overlap in (False, True):
+        config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO", additional_config={
+            "duo": {"sparsity": 0.5, "overlap_streaming": overlap}}).create_engine_config()
+        # Building the engine config reconfigures vLLM's loggers (dropping handlers of their
+        # children) and already builds the runtime: listen from here on, with an empty cache.
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        runtime_module.logger.addHandler(handler)
+        monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+        try:
+            assert runtime_module.runtime_from_vllm_config(config).config.overlap_streaming is overlap
+        finally:
+            runtime_module.logger.removeHandler(handler)
+        warned = [r.getMessage() for r in records if "overlap_streaming" in r.getMessage()]
+        assert len(warned) == int(overlap), warned
+        assert any("DUO attention" in r.getMessage() for r in records)  # the runtime was built here
+    assert "no effect on cpu" in warned[0]
