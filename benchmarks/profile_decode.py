@@ -1,10 +1,10 @@
 """Where a batch-1 decode step spends GPU time, kernel by kernel: stock FLASH_ATTN against DUO.
 
-``duo_speed.py`` measures DUO's decode at 128K about 0.7 ms per token slower than its bandwidth
-model predicts (docs/STATUS.md); this attributes the GPU time of the decode steps to kernel
+``duo_speed.py`` measures DUO's decode above its bandwidth floor (H200, 128K: 7.2 against 5.1 ms
+per token; docs/STATUS.md); this attributes the GPU time of the decode steps to kernel
 families (GEMMs, FA3, DUO's streaming kernel and KV store, index copies for the retrieval-head
 gather/scatter, norms, rotary, sampling, other) so the next optimisation targets what is really
-there. The engine runs in this process, stepped by hand, so that vLLM's own worker profiler
+there. Each engine runs in a spawned process of its own, stepped by hand there, so that vLLM's own worker profiler
 (``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
 once the prefill has produced the first token and stops after ``--steps`` more, each of which must
 add one token (checked). By default CUDA graphs are off, so every kernel is visible; summed kernel time is
@@ -17,7 +17,10 @@ weights. On a GPU the JSON also holds the HBM floors of the families that stream
 (``decode_floors``: weights for the GEMMs, the K/V each engine's attention reads), to put each
 family's time next to its floor.
 
+``--backends`` takes duo_speed's engine names (``stock,duo,duo-overlap``...). The PNG stacks each engine's families with its wall time per step.
+
     python benchmarks/profile_decode.py --case llama3-8b-gqa-50 --patterns PATTERNS --context 131072 --out $OUT
+    python benchmarks/profile_decode.py --plot benchmarks/results/FILE.json   # PNG, locally
 """
 
 from __future__ import annotations
@@ -169,10 +172,54 @@ def profile_in_child(*args) -> dict:
         return pool.submit(profile, *args).result()
 
 
+PLOT_GROUPS = [("attention (FA3/FA2)", "FA3"), ("duo streaming (Triton)", "DUO streaming"), ("gemm", "GEMMs")]
+
+
+def profiled_engines(results: dict) -> list[tuple[str, dict]]:
+    """(label, profile) of every engine in a result file: one run's backends, or those of each of
+    its ``runs`` (A/B files made of several calls)."""
+    runs = results.get("runs", [results])
+    return [(f"{key}" + (f" #{i + 1}" if len(runs) > 1 else ""), run[key])
+            for i, run in enumerate(runs) for key in run if isinstance(run[key], dict) and "total_ms" in run[key]]
+
+
+def plot(json_path: str) -> Path:
+    """PNG next to the JSON: each engine's GPU ms per decode token, stacked by kernel family, and
+    its unprofiled wall time per step (needs .[bench])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(Path(json_path).read_text())
+    engines = profiled_engines(results)
+    fig, ax = plt.subplots(figsize=(3.4 + 1.1 * len(engines), 4))
+    xs = list(range(len(engines)))
+    bottom = [0.0] * len(engines)
+    for family_name, label in PLOT_GROUPS + [(None, "rest")]:
+        heights = [(r["ms_per_decode_token_by_family"].get(family_name, 0.0) if family_name else
+                    r["total_ms"] - sum(r["ms_per_decode_token_by_family"].get(f, 0.0) for f, _ in PLOT_GROUPS))
+                   for _, r in engines]
+        ax.bar(xs, heights, 0.6, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.plot(xs, [r["wall_ms_per_step_unprofiled"] for _, r in engines], "k_", markersize=26,
+            label="wall per step (unprofiled)")
+    ax.set_xticks(xs, [name for name, _ in engines], fontsize=7, rotation=20)
+    ax.set_ylabel("ms per decode token")
+    ax.set_title(f"{results['case']} at {results['context']} tokens, {results['mode']}, "
+                 f"{results['device'].split(' (')[0]}", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
-    parser.add_argument("--patterns", required=True, help="folder with the published DuoAttention patterns")
+    parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
+    parser.add_argument("--case", choices=sorted(CASES))
+    parser.add_argument("--patterns", help="folder with the published DuoAttention patterns")
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -182,6 +229,11 @@ def main() -> None:
                              "stock, duo, duo-gather, duo-overlap")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
+    if not (args.case and args.patterns):
+        parser.error("--case and --patterns are required (or --plot FILE.json)")
     backends = args.backends.split(",")
     if set(backends) - set(BACKENDS) or not backends:
         parser.error(f"unknown --backends {sorted(set(backends) - set(BACKENDS))}: choose from {', '.join(BACKENDS)}")
@@ -209,6 +261,10 @@ def main() -> None:
         report = duo_report(engine_kwargs(model, args.context + 2 * args.steps + 64, 0.9, duo))
         result["floors"] = decode_floors(case["config"], report, args.context, duo_speed.BANDWIDTH)
     out.write_text(json.dumps(result, indent=2))
+    try:
+        print("plot:", plot(str(out)))
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install '.[bench]')")
     families = sorted(set().union(*(result[b]["ms_per_decode_token_by_family"] for b in backends)))
     what = (f"GPU ms per decode token ({result['mode']})" if torch.cuda.is_available()
             else "CPU smoke run: ms of nested ops")
