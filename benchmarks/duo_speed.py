@@ -84,6 +84,15 @@ VARIANTS = {"duo-gather": "DUO with heads in checkpoint order (gathered each ste
             "duo-overlap": "DUO with streaming heads beside FA3 on a second stream"}
 
 
+def parse_backends(parser, text: str) -> list[str]:
+    """``--backends`` as a list of BACKENDS names (an unknown name is a usage error)."""
+    backends = text.split(",")
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown --backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
+    return backends
+
+
 def floor_kind(backend: str) -> str:
     """Which floor a backend is held to: stock's, or DUO's (any DUO variant)."""
     return "stock" if backend == "stock" else "duo"
@@ -392,9 +401,7 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     args = parser.parse_args()
-    unknown = set(args.backends.split(",")) - set(BACKENDS)
-    if unknown:
-        parser.error(f"unknown --backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
+    backends = parse_backends(parser, args.backends)
     if args.plot:
         print(plot(args.plot))
         return
@@ -407,7 +414,7 @@ def main() -> None:
     if not (args.patterns and args.case):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
     set_device_floors(args.bandwidth, args.peak_flops)
-    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, args.backends.split(","),
+    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, backends,
                        args.longest_budget_s if args.longest else None)
     print(table(results))
 

@@ -4,8 +4,8 @@
 per token; docs/STATUS.md); this attributes the GPU time of the decode steps to kernel
 families (GEMMs, FA3, DUO's streaming kernel and KV store, index copies for the retrieval-head
 gather/scatter, norms, rotary, sampling, other) so the next optimisation targets what is really
-there. Each engine runs in a spawned process of its own, stepped by hand there, so that vLLM's own worker profiler
-(``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
+there. Each engine runs in a spawned process of its own, stepped by hand there, so that vLLM's
+own worker profiler (``profiler_config``: torch's profiler in the worker) records exactly the decode steps: it starts
 once the prefill has produced the first token and stops after ``--steps`` more, each of which must
 add one token (checked). By default CUDA graphs are off, so every kernel is visible; summed kernel time is
 what graphs cannot remove. ``--cuda-graphs`` profiles decode steps replayed from vLLM's graphs
@@ -17,7 +17,8 @@ weights. On a GPU the JSON also holds the HBM floors of the families that stream
 (``decode_floors``: weights for the GEMMs, the K/V each engine's attention reads), to put each
 family's time next to its floor.
 
-``--backends`` takes duo_speed's engine names (``stock,duo,duo-overlap``...). The PNG stacks each engine's families with its wall time per step.
+``--backends`` takes duo_speed's engine names (``stock,duo,duo-overlap``...). The PNG stacks each
+engine's families with its wall time per step.
 
     python benchmarks/profile_decode.py --case llama3-8b-gqa-50 --patterns PATTERNS --context 131072 --out $OUT
     python benchmarks/profile_decode.py --plot benchmarks/results/FILE.json   # PNG, locally
@@ -42,7 +43,7 @@ os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import duo_speed  # noqa: E402
-from duo_speed import BACKENDS, CASES, parameters  # noqa: E402
+from duo_speed import BACKENDS, CASES, parameters, parse_backends  # noqa: E402
 from kv_capacity import duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)
@@ -234,9 +235,7 @@ def main() -> None:
         return
     if not (args.case and args.patterns):
         parser.error("--case and --patterns are required (or --plot FILE.json)")
-    backends = args.backends.split(",")
-    if set(backends) - set(BACKENDS) or not backends:
-        parser.error(f"unknown --backends {sorted(set(backends) - set(BACKENDS))}: choose from {', '.join(BACKENDS)}")
+    backends = parse_backends(parser, args.backends)
     import torch
 
     case = CASES[args.case]
