@@ -161,7 +161,14 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check_duo.json"))
     parser.add_argument("--reference-only", action="store_true",
                         help="skip the greedy-equivalence engines (checks 2-3): kernel check and check 4 only")
-    parser.add_argument("--duo-options", type=json.loads, default={}, metavar="JSON",
+    def options(text: str) -> dict:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    options.__name__ = "JSON object"  # argparse names the type in its error: "invalid JSON object value"
+
+    parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     args = parser.parse_args()
 
