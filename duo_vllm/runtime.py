@@ -6,6 +6,7 @@ option or a pattern for another model stops start-up with one message before any
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -175,9 +176,27 @@ def _checkpoint_config(model_config):
         return None
 
 
+def _runtime_key(vllm_config) -> str:
+    """What a runtime is built from: the DUO options, the model, its overrides and the
+    tensor-parallel place. (vLLM's own config hash is no stable API: 0.34 removed
+    ``VllmConfig.compute_hash``.)"""
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    duo = (vllm_config.additional_config or {}).get("duo")
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tp_rank = get_tensor_model_parallel_rank()
+    except (AssertionError, RuntimeError):
+        tp_rank = 0
+    return json.dumps([duo, model_config.model, model_config.revision, repr(model_config.hf_overrides),
+                       parallel.tensor_parallel_size,
+                       parallel.pipeline_parallel_size, tp_rank], sort_keys=True, default=repr)
+
+
 def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
     """The process-wide runtime for ``vllm_config`` (built and logged once per config)."""
-    key = vllm_config.compute_hash()
+    key = _runtime_key(vllm_config)
     runtime = _RUNTIMES.get(key)
     if runtime is not None:
         return runtime

@@ -49,6 +49,10 @@ class DuoBackendMixin:
     impl_cls: ClassVar[type]
     builder_cls: ClassVar[type]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    # vLLM 0.33+: models that write K/V in a fused kernel ask this before skipping the backend's
+    # own write; they would write every head into the retrieval-only cache and none into the
+    # streaming one, so DUO always writes K/V itself. (No effect on 0.32, which lacks the flag.)
+    supports_kv_cache_update_bypass: ClassVar[bool] = False
 
     @staticmethod
     def get_name() -> str:

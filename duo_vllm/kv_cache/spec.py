@@ -7,12 +7,31 @@ everything between is freed by :class:`duo_vllm.kv_cache.manager.DuoStreamingMan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+
+
+_BETWEEN_STEPS: ContextVar[bool] = ContextVar("duo_between_steps", default=False)
+
+
+@contextmanager
+def between_steps_footprint() -> Iterator[None]:
+    """Within it, :meth:`DuoStreamingSpec.max_memory_usage_bytes` counts a request's footprint
+    between steps (sink + window), not its in-step peak: the figure vLLM reports as its KV-cache
+    size in tokens. The in-flight chunk is one per step, not one per request, so charging every
+    request for it would understate how many requests the pool holds."""
+    token = _BETWEEN_STEPS.set(True)
+    try:
+        yield
+    finally:
+        _BETWEEN_STEPS.reset(token)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,15 +55,32 @@ class DuoStreamingSpec(AttentionSpec):
         """Blocks one request holds between steps: sink blocks, the window, one block of slack.
 
         The window can straddle one more block boundary than its length needs, hence the
-        ``+ 1``. Within a step a request also holds the blocks of the tokens it is computing
-        (freed right after): admission counts those (:meth:`max_blocks_in_step`), the capacity
-        figure counts this between-steps footprint.
+        ``+ 1``. DUO's report and vLLM's capacity figure count this footprint; pool sizing and
+        admission count :meth:`max_admission_blocks_per_request`.
         """
         window = cdiv(self.recent - 1, self.block_size) + 1
         return min(self.sink_blocks() + window, cdiv(max_model_len, self.block_size))
 
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        """Blocks one request holds at its peak: within a step it also holds the blocks of the
+        tokens it is computing (written before they are attended, freed right after).
+
+        As for vLLM's own recycling specs (sliding window, chunked local), this one figure sizes
+        the pool at start-up (the one-request check, ``--max-model-len -1`` auto-fit, 0.34's
+        refit after warm-up, all through :meth:`max_memory_usage_bytes`) and caps admission
+        (:class:`duo_vllm.kv_cache.manager.DuoStreamingManager`), so a request admitted at
+        start-up can always be scheduled.
+        """
+        step = self.sink_blocks() + cdiv(self.recent - 1 + max_in_flight_tokens, self.block_size) + 1
+        return min(step, cdiv(max_model_len, self.block_size))
+
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        return self.max_blocks_per_request(vllm_config.model_config.max_model_len) * self.page_size_bytes
+        max_len = vllm_config.model_config.max_model_len
+        if _BETWEEN_STEPS.get():
+            blocks = self.max_blocks_per_request(max_len)
+        else:
+            blocks = self.max_admission_blocks_per_request(vllm_config.max_in_flight_tokens, max_len)
+        return blocks * self.page_size_bytes
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(

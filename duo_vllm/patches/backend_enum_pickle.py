@@ -29,7 +29,10 @@ def apply() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from duo_vllm import BACKEND_NAME
+    from duo_vllm.patches.wrapping import set_attribute
 
     member = AttentionBackendEnum[BACKEND_NAME]
+    if vars(member).get("__reduce_ex__") is _reduce_duo:
+        return
     # Instance attributes win over the Enum class's __reduce_ex__ in pickle's lookup.
-    object.__setattr__(member, "__reduce_ex__", _reduce_duo)
+    set_attribute(member, "__reduce_ex__", _reduce_duo)

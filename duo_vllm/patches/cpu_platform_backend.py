@@ -11,6 +11,7 @@ Remove when the CPU platform resolves requested backends like the CUDA platform 
 from __future__ import annotations
 
 from duo_vllm.patches.wrapping import MARK as _MARK
+from duo_vllm.patches.wrapping import set_attribute
 
 
 def apply() -> None:
@@ -34,4 +35,4 @@ def apply() -> None:
         return original_func(cls, selected_backend, attn_selector_config, num_heads)
 
     setattr(get_attn_backend_cls, _MARK, True)
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    set_attribute(CpuPlatform, "get_attn_backend_cls", classmethod(get_attn_backend_cls))

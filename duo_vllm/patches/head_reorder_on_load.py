@@ -7,8 +7,8 @@ for oneDNN and drops the originals, so the reordering must come first), and none
 in-place weight reload.
 How: wrap ``model_loader.utils.process_weights_after_loading``, also under the name
 ``base_loader`` imported it (the one caller of the load path every loader shares), to reorder
-first. In-place weight updates (``GPUModelRunner.reload_weights``, the weight-transfer engine's
-``Worker._start_weight_update``; the CPU classes inherit both) would write the checkpoint's
+first. In-place weight updates (``Worker.reload_weights``, the weight-transfer engine's
+``Worker._start_weight_update``; the CPU worker inherits both) would write the checkpoint's
 head order over reordered heads: they are refused with a message naming the fix
 (``"reorder_heads": false``). Models without DUO layers are untouched.
 Remove when vLLM gives attention backends a post-load hook with the model.
@@ -36,23 +36,20 @@ def apply() -> None:
 
 
 def _refuse_weight_updates() -> None:
-    # Installed here, in the process that loaded a reordered model, where the worker modules are
-    # already imported (importing them in every process would cost each one seconds).
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    # Installed here, in the process that loaded a reordered model, where the worker module is
+    # already imported (importing it in every process would cost each one seconds). The worker,
+    # not the model runner, is the choke point: on CUDA vLLM 0.32/0.33 run the V2 runner (no
+    # subclass of the V1 GPUModelRunner, which 0.34 removes), and the CPU worker inherits both.
     from vllm.v1.worker.gpu_worker import Worker
 
-    def refuse_when_reordered(get_model):
-        def make_wrapper(original):
-            def wrapper(self, *args, **kwargs):
-                from duo_vllm.head_order import refuse_weight_update
+    def refuse_when_reordered(original):
+        def wrapper(self, *args, **kwargs):
+            from duo_vllm.head_order import refuse_weight_update
 
-                refuse_weight_update(get_model(self))
-                return original(self, *args, **kwargs)
+            refuse_weight_update(self.model_runner.get_model())
+            return original(self, *args, **kwargs)
 
-            return wrapper
+        return wrapper
 
-        return make_wrapper
-
-    wrap_function(GPUModelRunner, "reload_weights", refuse_when_reordered(lambda runner: runner.get_model()))
-    wrap_function(Worker, "_start_weight_update",
-                  refuse_when_reordered(lambda worker: worker.model_runner.get_model()))
+    wrap_function(Worker, "reload_weights", refuse_when_reordered)
+    wrap_function(Worker, "_start_weight_update", refuse_when_reordered)

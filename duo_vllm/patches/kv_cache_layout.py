@@ -1,18 +1,21 @@
 """Give DUO layers their own KV-cache layout: retrieval heads paged, streaming heads sink + recent.
 
-Why: vLLM 0.32 builds each attention layer's ``FullAttentionSpec`` from the layer's full head
+Why: vLLM (0.32-0.34) builds each attention layer's ``FullAttentionSpec`` from the layer's full head
 count (the backend's ``customize_spec`` hook is only consulted for sliding-window layers), gives
 a layer one spec only, and groups mixed specs by page size in ways that pad a per-layer head
 pattern into many groups. DUO needs: (1) each layer's retrieval head count in its full-attention
 spec, (2) a second spec for the streaming heads, (3) exactly two KV-cache groups (all retrieval
 specs, all streaming specs) so the pool is shared without padding, (4) vLLM's scheduler to
-know the streaming spec's manager, and (5) a start-up check that one request fits at its peak.
+know the streaming spec's manager, and (5) vLLM's "KV cache size: N tokens" to count a
+streaming request's footprint between steps, not its in-step peak.
 How: (1) wrap ``Attention.get_kv_cache_spec``; (2) wrap ``Attention.__init__`` to register a
-companion cache layer (``duo_vllm.kv_cache.layers``); (3) wrap
-``kv_cache_utils.get_kv_cache_groups`` (only when DUO streaming specs are present); (4) register
-the spec and manager after vLLM's built-ins, also through the name the engine core imported;
-(5) wrap ``get_kv_cache_configs`` (module and engine-core names) to refuse a pool too small for
-one request at its peak (``kv_cache.grouping.check_one_request_fits``).
+companion cache layer (``duo_vllm.kv_cache.layers``); (3) wrap ``get_kv_cache_groups`` where
+the release keeps it (``vllm_support.kv_cache_planning_module``; only when DUO streaming specs
+are present); (4) register the spec and manager after vLLM's built-ins, also through the name
+the engine core imported; (5) wrap ``kv_cache_utils.get_max_concurrency_for_kv_cache_config``
+(the same in 0.32-0.34) to evaluate it under ``spec.between_steps_footprint``.
+Pool sizing, the one-request check, auto-fit and admission need no patch: the streaming spec
+reports its in-step peak through ``max_memory_usage_bytes`` as vLLM's sliding-window spec does.
 Every wrapper leaves non-DUO layers and models untouched.
 Remove when vLLM lets a backend report per-layer specs and groups itself.
 """
@@ -91,6 +94,8 @@ def _wrap_kv_cache_planning() -> None:
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.engine import core
 
+    from duo_vllm.vllm_support import kv_cache_planning_module
+
     def wrap_groups(original):
         def get_kv_cache_groups(vllm_config, kv_cache_spec):
             from duo_vllm.kv_cache.grouping import duo_kv_cache_groups
@@ -100,16 +105,14 @@ def _wrap_kv_cache_planning() -> None:
 
         return get_kv_cache_groups
 
-    def wrap_configs(original):
-        def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-            from duo_vllm.kv_cache.grouping import check_one_request_fits
+    def wrap_concurrency(original):
+        def get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config):
+            from duo_vllm.kv_cache.spec import between_steps_footprint
 
-            configs = original(vllm_config, kv_cache_specs, available_memory)
-            for config in configs:
-                check_one_request_fits(vllm_config, config)
-            return configs
+            with between_steps_footprint():
+                return original(vllm_config, kv_cache_config)
 
-        return get_kv_cache_configs
+        return get_max_concurrency_for_kv_cache_config
 
     def wrap_registration(original):
         def register_all_kvcache_specs(vllm_config):
@@ -118,9 +121,10 @@ def _wrap_kv_cache_planning() -> None:
 
         return register_all_kvcache_specs
 
-    wrap_function(kv_cache_utils, "get_kv_cache_groups", wrap_groups)
-    # The engine core imported these two by name.
-    wrap_function(kv_cache_utils, "get_kv_cache_configs", wrap_configs, also=(core,))
+    # Looked up through the module at every call (vLLM's own callers import it inside functions).
+    wrap_function(kv_cache_planning_module(), "get_kv_cache_groups", wrap_groups)
+    wrap_function(kv_cache_utils, "get_max_concurrency_for_kv_cache_config", wrap_concurrency)
+    # The engine core imported this one by name.
     wrap_function(core, "register_all_kvcache_specs", wrap_registration)
 
 

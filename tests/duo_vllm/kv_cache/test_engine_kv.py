@@ -263,21 +263,36 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
     assert free_at_end == free_at_start
 
 
-def test_auto_fit_max_model_len_counts_the_streaming_peak(smollm2, pattern, smollm2_tokenizer):
-    """``max_model_len=-1`` (vLLM's auto-fit) on a context extended with ``hf_overrides``: vLLM
-    fits the between-steps footprint; DUO lowers that to the longest request whose peak (with a
-    4096-token prefill chunk of streaming blocks in flight) fits, instead of refusing to start.
-    In this small pool that chunk costs a third of it, yet DUO still fits a longer request than
-    stock's auto-fit gets from the same memory."""
-    from duo_vllm.kv_cache.grouping import peak_blocks_for_one_request
+def _peak_blocks(kv_cache_config, max_len: int, in_flight: int) -> int:
+    """Blocks one request of ``max_len`` tokens holds at its peak, over both groups."""
+    from duo_vllm.kv_cache.spec import DuoStreamingSpec
 
+    needed = 0
+    for group in kv_cache_config.kv_cache_groups:
+        spec = getattr(group.kv_cache_spec, "first_spec", group.kv_cache_spec)
+        if isinstance(spec, DuoStreamingSpec):
+            needed += spec.max_admission_blocks_per_request(in_flight, max_len)
+        else:
+            needed += -(-max_len // spec.block_size)
+    return needed
+
+
+def test_auto_fit_max_model_len_counts_the_streaming_peak(smollm2, pattern, smollm2_tokenizer):
+    """``max_model_len=-1`` (vLLM's auto-fit) on a context extended with ``hf_overrides``: vLLM's
+    own auto-fit, through the streaming spec's ``max_memory_usage_bytes``, picks the longest
+    request whose peak (with a 4096-token prefill chunk of streaming blocks in flight) fits the
+    pool less vLLM's null block. In this small pool that chunk costs a third of it, yet DUO still
+    fits a longer request than stock's auto-fit gets from the same memory."""
     with duo_engine(smollm2, pattern, 0.5, max_model_len=-1, max_num_batched_tokens=4096,
                     hf_overrides={"max_position_embeddings": 65536}) as llm:
-        fitted = llm.llm_engine.vllm_config.model_config.max_model_len
+        vllm_config = llm.llm_engine.vllm_config
+        fitted = vllm_config.model_config.max_model_len
+        in_flight = vllm_config.max_in_flight_tokens
         config = scheduler_of(llm).kv_cache_config
         out = llm.generate([{"prompt_token_ids": list(range(1000, 1300))}], _greedy(), use_tqdm=False)[0]
-    assert peak_blocks_for_one_request(config, fitted) <= config.num_blocks
-    assert peak_blocks_for_one_request(config, fitted + 1) > config.num_blocks  # the longest
+    usable = config.num_blocks - 1  # the block pool keeps one null block
+    assert _peak_blocks(config, fitted, in_flight) <= usable
+    assert _peak_blocks(config, fitted + 1, in_flight) > usable  # the longest
     stock_tokens = KV_BYTES // (30 * 3 * 64 * 2 * 4)  # SmolLM2 fp32: 46,080 B per token
     assert 1.15 * stock_tokens < fitted < 65536, (fitted, stock_tokens)
     assert len(out.outputs[0].token_ids) == NEW_TOKENS

@@ -88,6 +88,25 @@ def test_spec_counts_sink_window_and_slack():
     assert spec.page_size_bytes == 3 * 128 * 2 * 64 * 4
 
 
+def test_pool_is_sized_for_the_peak_and_reported_between_steps():
+    """vLLM sizes the pool (and auto-fits max_model_len) from ``max_memory_usage_bytes``: the
+    in-step peak, sink + window + one step of tokens. Its capacity figure is evaluated under
+    ``between_steps_footprint``: sink + window."""
+    from types import SimpleNamespace
+
+    from duo_vllm.kv_cache.spec import between_steps_footprint
+
+    spec = DuoStreamingSpec(block_size=16, num_kv_heads=2, head_size=8, dtype=torch.float32,
+                            sink=16, recent=64)
+    config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=100_000), max_in_flight_tokens=2048)
+    assert spec.max_memory_usage_bytes(config) == (1 + cdiv(63 + 2048, 16) + 1) * spec.page_size_bytes
+    with between_steps_footprint():
+        assert spec.max_memory_usage_bytes(config) == (1 + cdiv(63, 16) + 1) * spec.page_size_bytes
+    assert spec.max_memory_usage_bytes(config) == (1 + cdiv(63 + 2048, 16) + 1) * spec.page_size_bytes
+    short = SimpleNamespace(model_config=SimpleNamespace(max_model_len=40), max_in_flight_tokens=2048)
+    assert spec.max_memory_usage_bytes(short) == cdiv(40, 16) * spec.page_size_bytes  # never past the request
+
+
 def _hashes(n: int, seed: int = 0):
     return [bytes([seed, i % 256, i // 256]) * 4 for i in range(n)]
 
@@ -140,6 +159,8 @@ def test_admission_counts_what_a_request_holds_at_once():
     whole = 16 * 300  # a prompt far longer than the pool
     admitted = manager.get_num_blocks_to_allocate("r", whole, [], 0, 0, whole, apply_admission_cap=True)
     assert admitted == spec.max_blocks_in_step() == 1 + cdiv(63 + 256, 16) + 1
+    # the figure vLLM sizes the pool with at start-up is the same peak
+    assert spec.max_admission_blocks_per_request(256, whole) == admitted
     assert manager.get_num_blocks_to_allocate("r", 256, [], 0, 0, 256) == 16
 
 
