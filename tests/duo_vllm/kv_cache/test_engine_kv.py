@@ -184,9 +184,10 @@ def test_only_retrieval_blocks_grow_with_length(duo50):
 
 
 def test_small_pool_is_refused_at_start_up(smollm2, pattern):
-    with pytest.raises(Exception, match="DUO needs"):
-        # vLLM's own check passes (17 retrieval + 4 streaming blocks); the peak with a 4096-token
-        # chunk (17 + 17) does not fit.
+    """vLLM's own start-up check refuses the pool: the streaming spec reports its peak. 25 blocks
+    (24 usable next to vLLM's null block) hold a 2100-token request between steps (17 retrieval +
+    4 streaming blocks), but not at its peak with a 4096-token chunk in flight (17 + 17)."""
+    with pytest.raises(Exception, match=r"To serve at least one request with the model's max seq len \(2100\)"):
         with duo_engine(smollm2, pattern, 0.5, num_gpu_blocks_override=25, max_model_len=2100,
                         max_num_batched_tokens=4096):
             pass
