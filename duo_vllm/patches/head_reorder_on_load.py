@@ -24,8 +24,12 @@ def apply() -> None:
 
     def wrap_process(original):
         def process_weights_after_loading(model, model_config, target_device):
-            from duo_vllm.head_order import reorder_model_heads
+            from duo_vllm.head_order import refuse_weight_update, reorder_model_heads
 
+            # Post-processing a model whose heads are already reordered means new weights were
+            # written into it in place (vLLM 0.34's direct reload mode runs this again on the live
+            # model): they came in the checkpoint's order, so refuse rather than serve wrong heads.
+            refuse_weight_update(model)
             if reorder_model_heads(model):
                 _refuse_weight_updates()
             return original(model, model_config, target_device)

@@ -51,3 +51,21 @@ def test_duo_member_unpickles_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert out.stdout.decode().split() == ["DUO", BACKEND_CLASS_PATH, "CPU_ATTN"]
+
+
+def test_post_processing_a_reordered_model_again_is_refused():
+    """vLLM 0.34's direct reload writes checkpoint-order weights into the live model and runs the
+    post-load step again: with heads already reordered, that must stop with the fix, not skip the
+    layers and serve them with the wrong heads. (Every engine test loads a model through this
+    step once, with no refusal.)"""
+    import pytest
+    import torch
+    from vllm.model_executor.model_loader import utils
+
+    from duo_vllm.head_order import REORDERED_FLAG
+
+    duo_vllm.register()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    setattr(model[0], REORDERED_FLAG, True)
+    with pytest.raises(ValueError, match='reorder_heads": false'):
+        utils.process_weights_after_loading(model, SimpleNamespace(), torch.device("cpu"))
