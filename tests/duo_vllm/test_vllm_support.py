@@ -138,3 +138,11 @@ def test_stock_vllm_serves_when_a_patch_target_is_missing(smollm2, smollm2_token
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=smollm2_tokenizer.eos_token_id)
     assert out["tokens"] == ref[0, ids.shape[1]:].tolist()
+
+
+def test_attach_check_passes_on_the_installed_vllm():
+    """scripts/check_vllm_attach.py is how the 0.33/0.34 attach points are checked without a GPU;
+    here it runs on CI's vLLM (0.32 CPU build), so it cannot rot unnoticed."""
+    proc = run_edited(["python", "scripts/check_vllm_attach.py"], timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "every patch applied and in place" in proc.stdout
