@@ -31,7 +31,13 @@ def apply() -> None:
             # model): they came in the checkpoint's order, so refuse rather than serve wrong heads.
             refuse_weight_update(model)
             if reorder_model_heads(model):
-                _refuse_weight_updates()
+                try:
+                    _refuse_weight_updates()
+                except Exception as exc:  # a vLLM outside what vllm_support checked: say so
+                    raise RuntimeError(
+                        f"DUO reordered this model's attention heads but cannot guard in-place weight "
+                        f"updates on this vLLM ({type(exc).__name__}: {exc}); serve with "
+                        "--additional-config '{\"duo\": {\"reorder_heads\": false}}'.") from exc
             return original(model, model_config, target_device)
 
         return process_weights_after_loading
