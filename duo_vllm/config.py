@@ -28,7 +28,9 @@ class DuoConfig:
     sparsity : fraction of KV heads that stream (default: the pattern's own, else 0.5)
     retrieval_ratio : 1 - sparsity (give one of the two, or ``threshold``)
     threshold : gates >= threshold become retrieval heads instead of a global quantile
-    sink, recent : attention-sink tokens and recent window of streaming heads (default: 64, 256)
+    sink, recent : attention-sink tokens and recent window of streaming heads (default: 64, 256,
+        the paper's deployment setting; patterns record the window they were trained with, and
+        the start-up line names it when it differs)
     min_retrieval_per_layer : keep at least this many retrieval KV heads in every layer
     reorder_heads : put each layer's retrieval heads first by reordering its attention weights
         at load (``duo_vllm.head_order``), so kernels read head slices instead of gathering
@@ -65,7 +67,7 @@ class DuoConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise PatternError(
                     f'DUO option "{name}" must be a positive integer number of tokens, got {value!r} '
-                    f"(paper defaults: sink {DEFAULT_SINK}, recent {DEFAULT_RECENT})."
+                    f"(default: sink {DEFAULT_SINK}, recent {DEFAULT_RECENT}, the paper's deployment setting)."
                 )
         m = self.min_retrieval_per_layer
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:

@@ -97,9 +97,20 @@ class DuoRuntime:
             f"DUO attention: pattern {self.pattern.source or self.pattern.model_name} ({choice}); "
             f"retrieval KV heads per layer min/mean/max {stats['min_per_layer']}/"
             f"{stats['mean_per_layer']:.2f}/{stats['max_per_layer']} of {stats['num_kv_heads']} "
-            f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}; "
+            f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}"
+            f"{self._trained_window_note()}; "
             f"KV saving this pattern implies at {context_len} tokens: {self.kv_saving(context_len):.1%}"
         )
+
+    def _trained_window_note(self) -> str:
+        """Where the served sink/recent differ from what the pattern was trained with: said, not
+        silently applied. The ``sink``/``recent`` options win (default: the paper's deployment
+        setting, 64/256; the paper trained with 128/256)."""
+        trained = (self.pattern.sink_size, self.pattern.recent_size)
+        if None in trained or trained == (self.sink, self.recent):
+            return ""
+        return (f" (the pattern was trained with sink {trained[0]}, recent {trained[1]}; "
+                "set the sink/recent options to serve those)")
 
 
 def build_runtime(

@@ -176,6 +176,10 @@ def test_summary(tmp_path, hf_config):
     expected = f"{counts.min()}/{counts.mean():.2f}/{counts.max()} of {KV_HEADS}"
     assert expected in text, f"{expected!r} not in {text!r}"
     assert "sink 4" in text and "recent 16" in text, text
+    # the pattern records the window it was trained with (64/256): the line says it differs
+    assert "the pattern was trained with sink 64, recent 256" in text, text
+    same = build(DuoConfig(pattern=path, sparsity=0.5, sink=64, recent=256), hf_config)
+    assert "trained with" not in same.summary(4096)
     assert "sparsity 0.50" in text, text
     assert "4096 tokens" in text, text
     assert path in text, f"pattern source missing: {text}"
