@@ -19,8 +19,8 @@ bandwidth; prefill = (2 x parameters x tokens + attention FLOPs) / peak, where a
 attention costs sink + recent keys per query; throughput = the same prefill floor for all prompts
 plus the decode floor per step at the batch size that fits.
 
-``--longest``: each engine starts with ``--max-model-len -1`` (vLLM's auto-fit; DUO lowers it to
-what one request needs at its peak) on the shape with its position limit raised, which gives the
+``--longest``: each engine starts with ``--max-model-len -1`` (vLLM's auto-fit, which for DUO
+counts what one request needs at its peak) on the shape with its position limit raised, which gives the
 longest context each can hold; batch-1 TTFT and decode are then measured at that length (less the
 output) when that prefill is expected within ``--longest-budget-s``, else only the length is
 recorded.
@@ -32,6 +32,8 @@ stream beside FA3 (``"overlap_streaming": true``) instead of after it.
 
     python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT
     python benchmarks/duo_speed.py --case llama2-7b-mha-25 --patterns PATTERNS --out $OUT --longest
+    python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT \
+        --lengths 131072 --skip-throughput --backends stock,duo,duo-gather   # batch 1 at 128K only
     python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally
 """
 
