@@ -194,15 +194,20 @@ def _runtime_key(vllm_config) -> str:
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
     duo = (vllm_config.additional_config or {}).get("duo")
+    return json.dumps([duo, model_config.model, model_config.revision, repr(model_config.hf_overrides),
+                       parallel.tensor_parallel_size, parallel.pipeline_parallel_size, _tp_rank()],
+                      sort_keys=True, default=repr)
+
+
+def _tp_rank() -> int:
+    """This process's tensor-parallel rank (0 before vLLM's distributed state exists: the
+    front-end process and the one-rank case)."""
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        tp_rank = get_tensor_model_parallel_rank()
+        return get_tensor_model_parallel_rank()
     except (AssertionError, RuntimeError):
-        tp_rank = 0
-    return json.dumps([duo, model_config.model, model_config.revision, repr(model_config.hf_overrides),
-                       parallel.tensor_parallel_size,
-                       parallel.pipeline_parallel_size, tp_rank], sort_keys=True, default=repr)
+        return 0
 
 
 def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
@@ -221,12 +226,7 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
             f"{parallel.pipeline_parallel_size}): split the model with --tensor-parallel-size instead, "
             "or serve it without --attention-backend DUO."
         )
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        tp_rank = get_tensor_model_parallel_rank()
-    except (AssertionError, RuntimeError):
-        tp_rank = 0
+    tp_rank = _tp_rank()
     hf_config = model_config.hf_text_config
     runtime = build_runtime(
         DuoConfig.from_additional_config(vllm_config.additional_config),
