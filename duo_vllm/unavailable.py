@@ -28,22 +28,12 @@ def refusal() -> DuoUnavailableError:
 
 def refuse_in_front_end() -> None:
     """Make ``EngineArgs.create_engine_config`` refuse a config that selects DUO."""
-    from vllm.engine.arg_utils import EngineArgs
+    from duo_vllm.patches.engine_config_validation import when_duo_is_selected
 
-    from duo_vllm import BACKEND_NAME
-    from duo_vllm.patches.wrapping import wrap_function
+    def refuse(config) -> None:
+        raise refusal()
 
-    def wrap(original):
-        def create_engine_config(self, *args, **kwargs):
-            config = original(self, *args, **kwargs)
-            backend = config.attention_config.backend
-            if backend is not None and backend.name == BACKEND_NAME:
-                raise refusal()
-            return config
-
-        return create_engine_config
-
-    wrap_function(EngineArgs, "create_engine_config", wrap)
+    when_duo_is_selected(refuse)
 
 
 class DuoUnavailableBackend:

@@ -47,9 +47,11 @@ class DuoStreamingSpec(AttentionSpec):
     def sink_blocks(self) -> int:
         return cdiv(self.sink, self.block_size)
 
-    def max_blocks_in_step(self) -> int:
-        """Blocks one request can hold during a step: sink, window and the tokens in flight."""
-        return self.sink_blocks() + cdiv(self.recent - 1 + self.step_tokens, self.block_size) + 1
+    def max_blocks_in_step(self, in_flight_tokens: int | None = None) -> int:
+        """Blocks one request can hold during a step: sink, window and the tokens in flight
+        (``step_tokens`` unless given)."""
+        in_flight = self.step_tokens if in_flight_tokens is None else in_flight_tokens
+        return self.sink_blocks() + cdiv(self.recent - 1 + in_flight, self.block_size) + 1
 
     def max_blocks_per_request(self, max_model_len: int) -> int:
         """Blocks one request holds between steps: sink blocks, the window, one block of slack.
@@ -71,8 +73,7 @@ class DuoStreamingSpec(AttentionSpec):
         (:class:`duo_vllm.kv_cache.manager.DuoStreamingManager`), so a request admitted at
         start-up can always be scheduled.
         """
-        step = self.sink_blocks() + cdiv(self.recent - 1 + max_in_flight_tokens, self.block_size) + 1
-        return min(step, cdiv(max_model_len, self.block_size))
+        return min(self.max_blocks_in_step(max_in_flight_tokens), cdiv(max_model_len, self.block_size))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         max_len = vllm_config.model_config.max_model_len

@@ -16,7 +16,9 @@ from __future__ import annotations
 from duo_vllm.patches.wrapping import wrap_function
 
 
-def apply() -> None:
+def when_duo_is_selected(check) -> None:
+    """Wrap ``EngineArgs.create_engine_config`` to call ``check(config)`` on every config that
+    selects the DUO backend (the one front-end hook DUO has, whether it serves or stands aside)."""
     from vllm.engine.arg_utils import EngineArgs
 
     def wrap(original):
@@ -26,12 +28,20 @@ def apply() -> None:
             from duo_vllm import BACKEND_NAME
 
             if backend is not None and backend.name == BACKEND_NAME:
-                from duo_vllm.head_order import checkpoint_order_reason
-                from duo_vllm.runtime import runtime_from_vllm_config
-
-                checkpoint_order_reason(config, runtime_from_vllm_config(config))
+                check(config)
             return config
 
         return create_engine_config
 
     wrap_function(EngineArgs, "create_engine_config", wrap)
+
+
+def _resolve_runtime(config) -> None:
+    from duo_vllm.head_order import checkpoint_order_reason
+    from duo_vllm.runtime import runtime_from_vllm_config
+
+    checkpoint_order_reason(config, runtime_from_vllm_config(config))
+
+
+def apply() -> None:
+    when_duo_is_selected(_resolve_runtime)
