@@ -24,6 +24,12 @@ Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
 
     python benchmarks/gpu_check_duo.py --out benchmarks/results/gpu_check_duo.json
     python benchmarks/gpu_check_duo.py --skip-all-streaming   # checks 1, 2, 4, 5: about 4 minutes less
+    python benchmarks/gpu_check_duo.py --kv-cache-dtype fp8    # every engine with an FP8 KV cache
+
+With ``--kv-cache-dtype fp8`` every engine (stock and DUO) runs an FP8 KV cache, DUO's fused store is
+first compared byte for byte with vLLM's own ``reshape_and_cache_flash``, and the reference of check
+4 (and its noise floor, HF full attention) reads q, k and v through the same FP8 rounding (scale 1.0,
+vLLM's default without checkpoint scales).
 """
 
 from __future__ import annotations
@@ -41,11 +47,48 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine
+
+
 def _engine(model, **kw):
     from vllm import LLM
 
     return LLM(model=model, dtype="bfloat16", max_model_len=4096, seed=0, gpu_memory_utilization=0.5,
-               max_num_seqs=8, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]}, **kw)
+               max_num_seqs=8, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]},
+               kv_cache_dtype=KV_CACHE_DTYPE, **kw)
+
+
+def fp8_store_check() -> dict:
+    """DUO's fused store against vLLM's own FP8 cache write (reshape_and_cache_flash), byte for byte:
+    same scale division, saturation and rounding (to nearest even), on bf16 K/V spanning e4m3's
+    subnormals, normals and values past its range."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from duo_vllm.ops.triton_streaming import store_kv_heads
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens, heads, d, page = 4096, 8, 128, 16
+    spread = torch.logspace(-5, 3.5, d, device="cuda")
+    key = (torch.randn(tokens, heads, d, generator=gen, device="cuda") * spread).bfloat16()
+    value = (torch.randn(tokens, heads, d, generator=gen, device="cuda") * spread).bfloat16()
+    k_scale = torch.tensor([0.73], device="cuda")
+    v_scale = torch.tensor([2.9], device="cuda")
+    slots = torch.randperm(tokens + 512, generator=gen, device="cuda")[:tokens]
+    slots[::97] = -1  # padding tokens
+    blocks = (tokens + 512) // page
+    k_cache = torch.zeros(blocks, page, heads, d, dtype=torch.uint8, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    ops.reshape_and_cache_flash(key, value, k_cache, v_cache, slots, "fp8", k_scale, v_scale)
+    ours = torch.zeros(blocks, heads, page, 2 * d, dtype=torch.float8_e4m3fn, device="cuda")
+    half = torch.arange(heads // 2, device="cuda")
+    store_kv_heads(key, value, [(half, ours[:, : heads // 2], slots), (half + heads // 2, ours[:, heads // 2:], slots)],
+                   k_scale=k_scale, v_scale=v_scale)
+    torch.cuda.synchronize()
+    ours_bytes = ours.view(torch.uint8).permute(0, 2, 1, 3)  # [blocks, page, heads, 2d]
+    differ = int((ours_bytes[..., :d] != k_cache).sum() + (ours_bytes[..., d:] != v_cache).sum())
+    return {"check": "DUO fused FP8 store == vLLM reshape_and_cache_flash (bytes)",
+            "bytes_compared": 2 * k_cache.numel(), "bytes_differing": differ}
 
 
 def _paged_batch(requests, *, sink, recent, page, num_kv, d, gen, num_q_slots):
@@ -176,7 +219,10 @@ def main() -> None:
                         help="skip check 3 (all heads streaming, window longer than the prompts)")
     parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
+    parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
     args = parser.parse_args()
+    global KV_CACHE_DTYPE
+    KV_CACHE_DTYPE = args.kv_cache_dtype
 
     import numpy as np
     import torch
@@ -203,8 +249,10 @@ def main() -> None:
               "model": "SmolLM2-135M-Instruct (bf16)",
               "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else "")
                          + (" --skip-all-streaming" if args.skip_all_streaming else "")
-                         + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else ""),
-              "checks": kernel_check()}
+                         + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else "")
+                         + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""),
+              "kv_cache_dtype": args.kv_cache_dtype,
+              "checks": kernel_check() + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
     for c in result["checks"]:
         print(c, flush=True)
 
@@ -273,11 +321,18 @@ def main() -> None:
             x = torch.tensor([p], device="cuda")
             return torch.log_softmax(hf(x).logits[0].float(), -1)[:-1].gather(1, x[0, 1:, None]).squeeze(1).cpu().numpy()
 
+    rounding = None
+    if args.kv_cache_dtype.startswith("fp8"):
+        from duo_vllm.kv_quant import round_through_fp8
+
+        # vLLM's default scales (1.0) for q, k and v; nearest-even rounding, as vLLM's CUDA write
+        rounding = lambda x, which: round_through_fp8(x, 1.0, torch.float8_e4m3fn)  # noqa: E731
+        use_duo_reference(hf, np.ones((30, 3), dtype=bool), sink=16, recent=64, rounding=rounding)
     full = [hf_logprobs(p) for p in long_prompts]
-    use_duo_reference(hf, load_pattern(pattern).binarize(sparsity=0.5), sink=16, recent=64)
+    use_duo_reference(hf, load_pattern(pattern).binarize(sparsity=0.5), sink=16, recent=64, rounding=rounding)
     for p, got, s_lp, f_lp in zip(long_prompts, vllm_lp, stock_lp, full):
         err, floor = np.abs(got - hf_logprobs(p)), np.abs(s_lp - f_lp)
-        result["checks"].append({"check": f"DUO 50% sink16/recent64 prompt log-probs vs reference ({len(p)} tokens, bf16)",
+        result["checks"].append({"check": f"DUO 50% sink16/recent64 prompt log-probs vs reference ({len(p)} tokens, bf16, KV {args.kv_cache_dtype})",
                                  "max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 4),
                                  "noise_floor_stock_vs_hf_max": round(float(floor.max()), 4),
                                  "noise_floor_stock_vs_hf_mean": round(float(floor.mean()), 4)})

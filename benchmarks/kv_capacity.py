@@ -11,6 +11,11 @@ long prompt (the new layout runs end to end), shut it down. Writes JSON and prin
 
 Shapes: Llama-3-8B (GQA, 8 KV heads) with the Llama-3-8B-Instruct-Gradient-1048k pattern at 50%
 retrieval; Llama-2-7B (MHA) with the Llama-2-7B-32K-Instruct pattern at 25% retrieval.
+``--kv-cache-dtypes auto,fp8`` measures both at each KV-cache dtype (``--kv-cache-dtype fp8``
+halves every page, DUO's two groups included), so the table has stock-bf16, stock-fp8, DUO-bf16
+and DUO-fp8 side by side.
+
+    python benchmarks/kv_capacity.py --patterns /path/to/patterns --kv-cache-dtypes auto,fp8 --out $OUT
 """
 
 from __future__ import annotations
@@ -67,10 +72,10 @@ def synthetic_prompt(num_tokens: int, offset: int = 0):
     return TokensPrompt(prompt_token_ids=[((i + offset) * 7919) % 30000 + 100 for i in range(num_tokens)])
 
 
-def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None) -> dict:
+def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kv_cache_dtype: str = "auto") -> dict:
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, enforce_eager=True)
+    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     start = time.time()
     llm = LLM(**kwargs)
     result = {"start_s": round(time.time() - start, 1),
@@ -97,13 +102,23 @@ def plot(json_path: str) -> Path:
 
     results = json.loads(Path(json_path).read_text())
     names = list(results["shapes"])
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    dtypes = list(results["shapes"][names[0]].get("by_kv_cache_dtype", {"auto": None}))
+    series = [(dtype, key) for dtype in dtypes for key in ("stock", "duo")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(3.5 + 1.5 * len(series), 3.8))
     xs = list(range(len(names)))
-    for offset, key, label in ((-0.2, "stock", "stock FLASH_ATTN"), (0.2, "duo", "DUO")):
-        values = [results["shapes"][n][key]["kv_tokens"] for n in names]
-        bars = ax.bar([x + offset for x in xs], values, 0.4, label=label)
-        ax.bar_label(bars, labels=[f"{v / 1000:.0f}K" for v in values], fontsize=8)
-    ax.set_xticks(xs, [f"{n}\n{results['shapes'][n]['ratio']:.2f}x" for n in names])
+    for i, (dtype, key) in enumerate(series):
+        runs = [results["shapes"][n].get("by_kv_cache_dtype", {"auto": results["shapes"][n]})[dtype] for n in names]
+        values = [run[key]["kv_tokens"] for run in runs]
+        label = f"{'stock FLASH_ATTN' if key == 'stock' else 'DUO'}, KV {'bf16' if dtype == 'auto' else dtype}"
+        bars = ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width, label=label)
+        ax.bar_label(bars, labels=[f"{v / 1000:.0f}K" for v in values], fontsize=7)
+
+    def caption(n):
+        runs = results["shapes"][n].get("by_kv_cache_dtype", {"auto": results["shapes"][n]})
+        return n + "".join(f"\nDUO/stock {'bf16' if d == 'auto' else d} {r['ratio']:.2f}x" for d, r in runs.items())
+
+    ax.set_xticks(xs, [caption(n) for n in names], fontsize=8)
     ax.set_ylabel("vLLM KV cache size (tokens)")
     ax.set_title(f"KV capacity at the same memory budget, {results['device']}", fontsize=9)
     ax.legend()
@@ -136,6 +151,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--kv-cache-dtypes", default="auto",
+                        help="comma-separated --kv-cache-dtype values to measure (e.g. auto,fp8)")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -152,18 +169,27 @@ def main() -> None:
         config, pattern, sparsity, max_len = SHAPES[name]
         model = model_dir(config)
         duo = {"pattern": str(Path(args.patterns) / pattern), "sparsity": sparsity}
-        stock = measure(model, max_len, args.gpu_memory_utilization, None)
-        duo_r = measure(model, max_len, args.gpu_memory_utilization, duo)
-        results["shapes"][name] = {"max_model_len": max_len, "sparsity": sparsity, "stock": stock,
-                                   "duo": duo_r, "ratio": duo_r["kv_tokens"] / stock["kv_tokens"]}
-        print(name, json.dumps(results["shapes"][name]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kv_capacity.json").write_text(json.dumps(results, indent=2))
-    print(f"{'shape':<20} {'stock tokens':>14} {'DUO tokens':>12} {'ratio':>7} {'bound':>7}")
-    for name, r in results["shapes"].items():
-        print(f"{name:<20} {r['stock']['kv_tokens']:>14,} {r['duo']['kv_tokens']:>12,} "
-              f"{r['ratio']:>7.2f} {r['duo']['report']['theoretical_ratio']:>7.2f}")
+        runs = {}
+        for kv_dtype in args.kv_cache_dtypes.split(","):
+            stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype)
+            duo_r = measure(model, max_len, args.gpu_memory_utilization, duo, kv_dtype)
+            runs[kv_dtype] = {"stock": stock, "duo": duo_r, "ratio": duo_r["kv_tokens"] / stock["kv_tokens"]}
+            print(name, kv_dtype, json.dumps(runs[kv_dtype]), flush=True)
+        entry = {"max_model_len": max_len, "sparsity": sparsity, "by_kv_cache_dtype": runs}
+        if "auto" in runs:  # the layout of earlier result files
+            entry.update(runs["auto"])
+            for kv_dtype, run in runs.items():
+                if kv_dtype != "auto":
+                    entry[f"duo_{kv_dtype}_vs_stock_bf16"] = run["duo"]["kv_tokens"] / runs["auto"]["stock"]["kv_tokens"]
+        results["shapes"][name] = entry
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kv_capacity.json").write_text(json.dumps(results, indent=2))
+    print(f"{'shape':<20} {'KV dtype':>8} {'stock tokens':>14} {'DUO tokens':>12} {'ratio':>7} {'bound':>7}")
+    for name, entry in results["shapes"].items():
+        for kv_dtype, r in entry["by_kv_cache_dtype"].items():
+            print(f"{name:<20} {kv_dtype:>8} {r['stock']['kv_tokens']:>14,} {r['duo']['kv_tokens']:>12,} "
+                  f"{r['ratio']:>7.2f} {r['duo']['report']['theoretical_ratio']:>7.2f}")
 
 
 if __name__ == "__main__":

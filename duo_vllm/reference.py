@@ -73,6 +73,9 @@ def _hf_duo_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None and query.shape[0] > 1:
         raise ValueError("The DuoAttention reference runs unpadded sequences only: use batch size 1.")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rounding = getattr(module, "duo_round", None)
+    if rounding is not None:  # what a quantized KV cache (and query) reads back as
+        query, key, value = rounding(query, "q"), rounding(key, "k"), rounding(value, "v")
     num_tokens, seq_len = query.shape[2], key.shape[2]
     outputs = []
     for b in range(query.shape[0]):
@@ -91,11 +94,13 @@ def _hf_duo_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.stack(outputs), None
 
 
-def use_duo_reference(model, retrieval_mask: np.ndarray, *, sink: int, recent: int):
+def use_duo_reference(model, retrieval_mask: np.ndarray, *, sink: int, recent: int, rounding=None):
     """Make a Hugging Face decoder run DuoAttention with ``retrieval_mask`` [layers, kv_heads].
 
     Works through transformers' attention interface (no per-model code): every attention module
-    with a ``layer_idx`` gets its row of the pattern. Returns the model.
+    with a ``layer_idx`` gets its row of the pattern. ``rounding(tensor, "q" | "k" | "v")``, when
+    given, replaces attention inputs by what the served cache reads back (e.g. an FP8 KV cache:
+    ``duo_vllm.kv_quant.round_through_fp8``). Returns the model.
     """
     from transformers import AttentionInterface
 
@@ -110,5 +115,6 @@ def use_duo_reference(model, retrieval_mask: np.ndarray, *, sink: int, recent: i
         module.duo_retrieval_q_heads = torch.from_numpy(q_mask[module.layer_idx].copy())
         module.duo_sink = sink
         module.duo_recent = recent
+        module.duo_round = rounding
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

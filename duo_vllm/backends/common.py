@@ -23,17 +23,21 @@ from vllm.v1.attention.backend import AttentionType, MultipleOf
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
 from duo_vllm.head_order import REORDERED_FLAG, checkpoint_order_reason
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
+from duo_vllm.kv_quant import kv_cache_dtype_error
 from duo_vllm.runtime import runtime_from_vllm_config
+from duo_vllm.vllm_support import platform_name
 
 
 def check_supported(*, alibi_slopes, sliding_window, sinks, logits_soft_cap, attn_type, kv_cache_dtype) -> None:
+    dtype_error = kv_cache_dtype_error(kv_cache_dtype, platform_name(), get_current_vllm_config().model_config.dtype)
+    if dtype_error:
+        raise ValueError(dtype_error)
     unsupported = {
         "ALiBi slopes": alibi_slopes is not None,
         "a sliding window": sliding_window is not None,
         "learned attention sinks": sinks is not None,
         "logit soft-capping": bool(logits_soft_cap),
         f"attention type {attn_type}": attn_type != AttentionType.DECODER,
-        f"KV cache dtype {kv_cache_dtype!r} (use --kv-cache-dtype auto)": kv_cache_dtype != "auto",
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
@@ -48,7 +52,8 @@ class DuoBackendMixin:
 
     impl_cls: ClassVar[type]
     builder_cls: ClassVar[type]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    # Platform files list what DUO serves there (duo_vllm.kv_quant.SUPPORTED_KV_CACHE_DTYPES).
+    supported_kv_cache_dtypes: ClassVar[list]
     # vLLM 0.33+: models that write K/V in a fused kernel ask this before skipping the backend's
     # own write; they would write every head into the retrieval-only cache and none into the
     # streaming one, so DUO always writes K/V itself. (No effect on 0.32, which lacks the flag.)
@@ -81,6 +86,32 @@ class DuoBackendMixin:
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        # A layer's heads are split between two caches that share its one k/v scale.
+        return False
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        """vLLM's reasons, with DUO's own words where a generic one would leave the user guessing."""
+        reasons = super().validate_configuration(**kwargs)
+        kv_cache_dtype = kwargs.get("kv_cache_dtype")
+        better = {
+            "kv_cache_dtype not supported": kv_cache_dtype_error(kv_cache_dtype, platform_name())
+            or (f"--kv-cache-dtype {kv_cache_dtype} needs FlashAttention 3 (Hopper GPUs) for DUO's "
+                "retrieval heads on this GPU; use --kv-cache-dtype auto"),
+            "per-head quant scales not supported": "this checkpoint's per-head KV-cache scales are not "
+            "supported by DUO (per-tensor FP8 scales only); serve it with --kv-cache-dtype auto",
+        }
+        return [better.get(reason, reason) for reason in reasons]
+
+
+def select_heads(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """``x[:, heads]``, also for FP8 tensors (vLLM's FP8 query), which torch cannot index."""
+    if x.element_size() == 1 and x.is_floating_point():
+        return x.view(torch.uint8)[:, heads].view(x.dtype)
+    return x[:, heads]
 
 
 def kernel_query_heads(kv_cache_spec, vllm_config) -> int:
@@ -183,16 +214,16 @@ class DuoImplMixin:
                 n = q_heads.numel()
                 q_retrieval, out_retrieval = query[:num_tokens, :n], out_heads[:, :n]
             else:
-                q_retrieval, out_retrieval = query[:num_tokens, q_heads], None
+                q_retrieval, out_retrieval = select_heads(query[:num_tokens], q_heads), None
             if out_retrieval is not None and self.kernel_takes_head_slices:
-                super(DuoImplMixin, self).forward(layer, q_retrieval, key, value, kv_cache[:, :r], attn_metadata,
-                                                  out_retrieval, output_scale, output_block_scale)
+                self.retrieval_kernel_forward(layer, q_retrieval, key, value, kv_cache[:, :r], attn_metadata,
+                                              out_retrieval, output_scale, output_block_scale)
             else:
                 # [T, heads, D], as vLLM's Attention layer hands ``output`` to the kernels.
                 partial = torch.empty(num_tokens, q_heads.numel(), self.head_size,
                                       dtype=output.dtype, device=output.device)
-                super(DuoImplMixin, self).forward(layer, q_retrieval.contiguous(), key, value, kv_cache[:, :r],
-                                                  attn_metadata, partial, output_scale, output_block_scale)
+                self.retrieval_kernel_forward(layer, q_retrieval.contiguous(), key, value, kv_cache[:, :r],
+                                              attn_metadata, partial, output_scale, output_block_scale)
                 if out_retrieval is not None:
                     out_retrieval.copy_(partial)
                 else:
@@ -200,13 +231,21 @@ class DuoImplMixin:
 
         def streaming() -> None:
             cache, metadata, _ = self.streaming_context(layer, kv_cache, attn_metadata, None)
-            self.streaming_forward(plan, query, out_heads, cache, metadata)
+            self.streaming_forward(layer, plan, query, out_heads, cache, metadata)
 
         if plan.any_retrieval:
             self.run_both(retrieval, streaming)
         else:
             streaming()
         return output
+
+    def retrieval_kernel_forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale) -> None:
+        """The platform kernel over the retrieval heads: ``query`` [T, their query heads, D],
+        ``kv_cache`` holding only their KV heads. A platform whose kernel sizes anything by the
+        layer's full head count overrides this."""
+        super(DuoImplMixin, self).forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                          output_scale, output_block_scale)
 
     def run_both(self, retrieval: Callable[[], None], streaming: Callable[[], None]) -> None:
         """Run a layer's retrieval and streaming heads (they write disjoint output heads); a
@@ -220,7 +259,8 @@ class DuoImplMixin:
         cache at ``slot_mapping`` (when it has any), streaming heads in ``streaming_cache``."""
         raise NotImplementedError
 
-    def streaming_forward(self, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
+    def streaming_forward(self, layer, plan: HeadPlan, query: torch.Tensor, out_heads: torch.Tensor,
                           cache: torch.Tensor, metadata) -> None:
-        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D]."""
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D] (``query``
+        may be FP8, quantized by vLLM's attention layer with ``layer._q_scale``)."""
         raise NotImplementedError

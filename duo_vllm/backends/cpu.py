@@ -23,6 +23,7 @@ from duo_vllm.backends.gathered_streaming import (
     DuoMetadataFields,
     GatheredStreamingMixin,
 )
+from duo_vllm.kv_quant import SUPPORTED_KV_CACHE_DTYPES
 
 
 @dataclass
@@ -45,6 +46,8 @@ class DuoAttentionImpl(GatheredStreamingMixin, DuoImplMixin, CPUAttentionBackend
 
 class DuoAttentionBackend(DuoBackendMixin, CPUAttentionBackend):
     """Selected by ``--attention-backend DUO`` on CPU."""
+
+    supported_kv_cache_dtypes = list(SUPPORTED_KV_CACHE_DTYPES["cpu"])
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:

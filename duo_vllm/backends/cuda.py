@@ -6,6 +6,11 @@ the compact sink + window cache (``duo_vllm.ops.triton_streaming``), reading onl
 mask lets them see. Neither needs host-side request layouts, so uniform decode batches run
 inside full CUDA graphs; mixed prefill/decode steps run attention between piecewise graphs, as
 FLASH_ATTN's own mixed steps do under vLLM's default FULL_AND_PIECEWISE mode.
+
+FP8 KV cache (``--kv-cache-dtype fp8``): both groups' pages hold e4m3 codes with the layer's
+per-tensor k/v scales. vLLM's attention layer quantizes the query for FA3 (as for stock
+FLASH_ATTN); FA3 reads the retrieval heads with its FP8 path, the Triton kernels widen the FP8
+query and pages in registers, and the fused store writes codes as vLLM's CUDA cache write does.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, kernel_query_heads
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
+from duo_vllm.kv_quant import SUPPORTED_KV_CACHE_DTYPES, fp8_dtype
 from duo_vllm.ops.triton_streaming import lambda_paged_attention, store_kv_heads
 
 
@@ -92,6 +98,8 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         self._side_stream = aux_stream() if overlap else None
         if self._side_stream is not None:
             self._inputs_ready, self._streaming_done = torch.cuda.Event(), torch.cuda.Event()
+        self._fp8 = fp8_dtype(self.kv_cache_dtype)
+        self._retrieval_kernels: dict[int, FlashAttentionImpl] = {}
 
     def run_both(self, retrieval, streaming) -> None:
         """With ``overlap_streaming``: streaming heads on the side stream while FA3 runs the
@@ -116,25 +124,45 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         retrieval()
         self._streaming_done.wait(main)
 
+    def _pages(self, cache: torch.Tensor) -> torch.Tensor:
+        """A cache as the kernels read it: FP8 caches are allocated as bytes."""
+        return cache if self._fp8 is None else cache.view(self._fp8)
+
+    def retrieval_kernel_forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale) -> None:
+        # FLASH_ATTN sizes its FP8 descales by the impl's KV head count, so the retrieval heads
+        # get a FLASH_ATTN impl of their own head counts (same kernel, version and options).
+        r = kv_cache.shape[1]
+        kernel = self._retrieval_kernels.get(r)
+        if kernel is None:
+            kernel = self._retrieval_kernels[r] = FlashAttentionImpl(
+                query.shape[1], self.head_size, self.scale, r, None, None, self.kv_cache_dtype, None,
+                self.attn_type)
+        kernel.forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+
     def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
         # One launch for both caches (FLASH_ATTN's own write would need the retrieval heads
         # copied out of key/value first).
-        store_kv_heads(key, value, [(plan.retrieval_kv_heads, kv_cache, slot_mapping),
-                                    (plan.streaming_kv_heads, streaming_cache, streaming_slots)])
+        store_kv_heads(key, value, [(plan.retrieval_kv_heads, self._pages(kv_cache), slot_mapping),
+                                    (plan.streaming_kv_heads, self._pages(streaming_cache), streaming_slots)],
+                       k_scale=layer._k_scale, v_scale=layer._v_scale)
 
-    def streaming_forward(self, plan, query, out_heads, cache, metadata) -> None:
+    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
         num_tokens = out_heads.shape[0]
         lambda_paged_attention(
-            query[:num_tokens].view(num_tokens, self.num_heads, self.head_size), out_heads, cache,
+            query[:num_tokens].view(num_tokens, self.num_heads, self.head_size), out_heads, self._pages(cache),
             metadata.block_table, metadata.query_start_loc, metadata.seq_lens, metadata.max_query_len,
             plan.streaming_q_heads, num_kv_heads=plan.streaming_kv_heads.numel(),
             sink=self.runtime.sink, recent=self.runtime.recent, scale=self.scale,
+            q_scale=layer._q_scale, k_scale=layer._k_scale, v_scale=layer._v_scale,
         )
 
 
 class DuoAttentionBackend(DuoBackendMixin, FlashAttentionBackend):
     impl_cls = DuoAttentionImpl
     builder_cls = DuoAttentionMetadataBuilder
+    # FLASH_ATTN's FP8 check (FA3 only) still applies on top (supports_kv_cache_dtype).
+    supported_kv_cache_dtypes = list(SUPPORTED_KV_CACHE_DTYPES["cuda"])
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:

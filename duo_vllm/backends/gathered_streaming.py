@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
+from duo_vllm.kv_quant import Fp8KV
 from duo_vllm.ops.lambda_attention import (
     lambda_attention,
     lambda_decode_attention,
@@ -20,6 +21,7 @@ from duo_vllm.ops.lambda_attention import (
     lambda_key_positions,
 )
 from duo_vllm.streaming_store import StreamingKV
+from duo_vllm.vllm_support import platform_name
 
 # Queries of one request handled per streaming step: bounds the score matrix to
 # chunk x (sink + recent + chunk) whatever the prompt length.
@@ -83,11 +85,16 @@ class GatheredStreamingMixin:
             super(DuoImplMixin, self).do_kv_cache_update(layer, key[:, heads], value[:, heads],
                                                          kv_cache[:, :heads.numel()], slot_mapping)
         heads = plan.streaming_kv_heads
-        StreamingKV(streaming_cache, self.head_size, heads.numel()).write(key[:, heads], value[:, heads],
-                                                                          streaming_slots)
+        self._streaming_store(layer, streaming_cache, heads.numel()).write(key[:, heads], value[:, heads],
+                                                                           streaming_slots)
 
-    def streaming_forward(self, plan, query, out_heads, cache, metadata) -> None:
-        store = StreamingKV(cache, self.head_size, plan.streaming_kv_heads.numel())
+    def _streaming_store(self, layer, cache: torch.Tensor, num_heads: int) -> StreamingKV:
+        # An FP8 cache (--kv-cache-dtype fp8*) holds codes in the format and rounding the
+        # platform kernel uses for the retrieval heads, with the layer's scales.
+        return StreamingKV(cache, self.head_size, num_heads, Fp8KV.for_layer(layer, self.kv_cache_dtype, platform_name()))
+
+    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
+        store = self._streaming_store(layer, cache, plan.streaming_kv_heads.numel())
         device = query.device
         num_tokens = out_heads.shape[0]
         q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)

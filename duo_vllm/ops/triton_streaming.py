@@ -20,7 +20,10 @@ heads into theirs, in one launch at vLLM's slot ids (padding slots are -1 and sk
 without host synchronisation.
 
 Cache layout, as vLLM 0.32 views a layer's cache: ``[blocks, head slots, block_size, K|V]``
-(any strides; K is the first ``head_size`` channels, V the rest).
+(any strides; K is the first ``head_size`` channels, V the rest). With ``--kv-cache-dtype fp8``
+pages hold e4m3 codes of ``x / scale`` (vLLM's per-tensor k/v scales): the store quantizes as
+vLLM's own CUDA cache write does, the attention kernels widen codes to the compute dtype in
+registers and fold the scales into the score scale and the output.
 
 The kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set before this module is
 imported), which is how the test suite checks them against ``duo_vllm.ops.lambda_attention``.
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK_N = 64  # keys per inner step
 PREFILL_ROWS = 64  # query rows (tokens x packed GQA heads) per program in prefill
 DECODE_BLOCK_N = 32  # keys per split-decode step: the smallest tile tl.dot takes well
@@ -54,6 +58,21 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _load_query_and_scales(q_ptrs, q_mask, qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+                           COMPUTE: tl.constexpr, Q_SCALED: tl.constexpr, KV_SCALED: tl.constexpr):
+    """The query tile in the compute dtype, the score scale (log2 domain) with the FP8 descales of
+    q and k folded in, and the value descale."""
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(COMPUTE)
+    v_scale = 1.0
+    if Q_SCALED:
+        qk_scale = qk_scale * tl.load(q_scale_ptr)
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    return q, qk_scale, v_scale
+
+
+@triton.jit
 def _score_key_tile(q, keys, n_mask, blocks_row_ptr, cache_ptr, stride_cb, stride_cs, head_off, d, d_mask,
                     qk_scale, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores (log2 domain) of ``q`` against the keys at token positions ``keys`` of one request,
@@ -61,8 +80,10 @@ def _score_key_tile(q, keys, n_mask, blocks_row_ptr, cache_ptr, stride_cb, strid
     blocks = tl.load(blocks_row_ptr + keys // PAGE, mask=n_mask, other=0).to(tl.int64)
     base = cache_ptr + blocks[:, None] * stride_cb + head_off + (keys % PAGE)[:, None] * stride_cs + d[None, :]
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(base, mask=kv_mask, other=0.0)
-    v = tl.load(base + HEAD_DIM, mask=kv_mask, other=0.0)
+    # FP8 pages: codes widen exactly to q's dtype here; their scales are folded into qk_scale
+    # and into the output (a no-op conversion for unquantized pages).
+    k = tl.load(base, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(base + HEAD_DIM, mask=kv_mask, other=0.0).to(q.dtype)
     return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale, v
 
 
@@ -90,10 +111,11 @@ def _lambda_paged_attention_kernel(
     cache_ptr, stride_cb, stride_ch, stride_cs,
     block_table_ptr, stride_bt,
     query_start_ptr, seq_lens_ptr, q_heads_ptr,
-    qk_scale,
+    qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     SINK: tl.constexpr, RECENT: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q_SCALED: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv = tl.program_id(1)
@@ -114,7 +136,9 @@ def _lambda_paged_attention_kernel(
     d_mask = d < HEAD_DIM
     token = (q_begin + tok).to(tl.int64)
     q_mask = row_valid[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+    q, qk_scale, v_scale = _load_query_and_scales(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], q_mask, qk_scale,
+        q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr.dtype.element_ty, Q_SCALED, KV_SCALED)
     pos = context + tok
 
     first = context + tok0  # the tile's first and last query positions
@@ -133,7 +157,7 @@ def _lambda_paged_attention_kernel(
     acc, m_i, l_i = _attend_key_range(acc, m_i, l_i, q, pos, window_begin, last + 1, blocks_row_ptr, cache_ptr,
                                       stride_cb, stride_cs, head_off, d, d_mask, qk_scale,
                                       SINK, RECENT, PAGE, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(o_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
@@ -145,10 +169,11 @@ def _lambda_decode_split_kernel(
     cache_ptr, stride_cb, stride_ch, stride_cs,
     block_table_ptr, stride_bt,
     query_start_ptr, seq_lens_ptr, q_heads_ptr,
-    qk_scale,
+    qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_KEYS: tl.constexpr,
     SINK: tl.constexpr, RECENT: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr, Q_SCALED: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     """One decode query, one streaming KV head, one slice of its sink + window keys.
 
@@ -172,8 +197,10 @@ def _lambda_decode_split_kernel(
     head = tl.load(q_heads_ptr + kv * GROUP + rows, mask=row_valid, other=0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + q_begin.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    q, qk_scale, v_scale = _load_query_and_scales(
+        q_ptr + q_begin.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+        row_valid[:, None] & d_mask[None, :], qk_scale, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+        COMPUTE, Q_SCALED, KV_SCALED)
 
     blocks_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt
     head_off = kv.to(tl.int64) * stride_ch
@@ -192,7 +219,7 @@ def _lambda_decode_split_kernel(
                                              DOT_PRECISION)
     # partials [R, KV, splits, BLOCK_M, BLOCK_D + 2]: weighted values, then max and sum
     part = part_ptr + req.to(tl.int64) * stride_pr + kv * stride_pk + split * stride_ps + rows[:, None] * stride_pm
-    tl.store(part + d[None, :], acc)
+    tl.store(part + d[None, :], acc * v_scale)
     tl.store(part + BLOCK_D, m_i[:, None])
     tl.store(part + BLOCK_D + 1, l_i[:, None])
 
@@ -251,19 +278,41 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _scale_args(query, output, cache, q_scale, k_scale, v_scale, placeholder) -> tuple[list, dict]:
+    """The scale pointers and flags of an attention launch: an FP8 query (vLLM's attention layer
+    quantizes it with ``q_scale`` for FlashAttention 3) and FP8 pages (``k_scale`` / ``v_scale``)
+    are read as ``code * scale``; unscaled launches get a placeholder pointer they never read."""
+    q_scaled = query.element_size() == 1
+    kv_scaled = cache.element_size() == 1
+    if (q_scaled and q_scale is None) or (kv_scaled and (k_scale is None or v_scale is None)):
+        raise ValueError("an FP8 query needs q_scale, and FP8 pages k_scale and v_scale")
+    pointers = [q_scale if q_scaled else placeholder, k_scale if kv_scaled else placeholder,
+                v_scale if kv_scaled else placeholder]
+    flags = dict(Q_SCALED=q_scaled, KV_SCALED=kv_scaled,
+                 DOT_PRECISION="ieee" if output.dtype == torch.float32 else "tf32")
+    return pointers, flags
+
+
 def lambda_paged_attention(query: torch.Tensor, output: torch.Tensor, cache: torch.Tensor,
                            block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            max_query_len: int, q_heads: torch.Tensor, *, num_kv_heads: int, sink: int,
-                           recent: int, scale: float, num_splits: int | None = None) -> None:
+                           recent: int, scale: float, num_splits: int | None = None,
+                           q_scale: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> None:
     """Write the streaming heads' Λ-masked attention into ``output``.
 
     query, output [T, Hq, D] (rows of ``q_heads`` are read / written, the others untouched);
     cache [blocks, head slots, block_size, 2 * D]; block_table [R, max blocks]; query_start_loc
     [R + 1]; seq_lens [R]; q_heads [num_kv_heads * group]: the query heads of streaming KV head
     ``s`` (cache head slot ``s``) are ``q_heads[s * group:(s + 1) * group]``.
+
+    FP8: a float8 ``query`` is dequantized with ``q_scale``, a float8 ``cache`` with ``k_scale`` /
+    ``v_scale`` (one-element device tensors, read on the device so CUDA graphs replay them); the
+    math runs in ``output``'s dtype, into which FP8 codes widen exactly.
     """
     if num_kv_heads == 0 or query.shape[0] == 0:
         return
+    scale_ptrs, flags = _scale_args(query, output, cache, q_scale, k_scale, v_scale, seq_lens)
     head_dim = query.shape[-1]
     group = q_heads.numel() // num_kv_heads
     num_reqs = seq_lens.shape[0]
@@ -274,7 +323,7 @@ def lambda_paged_attention(query: torch.Tensor, output: torch.Tensor, cache: tor
         if num_splits > 1:
             _split_decode(query, output, cache, block_table, query_start_loc, seq_lens, q_heads,
                           num_kv_heads=num_kv_heads, group=group, sink=sink, recent=recent, scale=scale,
-                          num_splits=num_splits)
+                          num_splits=num_splits, scale_ptrs=scale_ptrs, flags=flags)
             return
     group_pad = triton.next_power_of_2(group)
     rows = max(16, group_pad) if max_query_len <= 1 else max(PREFILL_ROWS, group_pad)
@@ -286,16 +335,15 @@ def lambda_paged_attention(query: torch.Tensor, output: torch.Tensor, cache: tor
         cache, cache.stride(0), cache.stride(1), cache.stride(2),
         block_table, block_table.stride(0),
         query_start_loc, seq_lens, q_heads,
-        scale * LOG2_E,
+        scale * LOG2_E, *scale_ptrs,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=rows,
         SINK=sink, RECENT=recent, PAGE=cache.shape[2],
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N, **flags,
     )
 
 
 def _split_decode(query, output, cache, block_table, query_start_loc, seq_lens, q_heads, *, num_kv_heads,
-                  group, sink, recent, scale, num_splits) -> None:
+                  group, sink, recent, scale, num_splits, scale_ptrs, flags) -> None:
     """Decode batches: keys split ``num_splits`` ways, then one merge launch."""
     head_dim = query.shape[-1]
     block_d = triton.next_power_of_2(head_dim)
@@ -313,11 +361,10 @@ def _split_decode(query, output, cache, block_table, query_start_loc, seq_lens, 
         cache, cache.stride(0), cache.stride(1), cache.stride(2),
         block_table, block_table.stride(0),
         query_start_loc, seq_lens, q_heads,
-        scale * LOG2_E,
+        scale * LOG2_E, *scale_ptrs,
         GROUP=group, BLOCK_M=block_m, SPLIT_KEYS=split_keys,
         SINK=sink, RECENT=recent, PAGE=cache.shape[2],
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, COMPUTE=_TRITON_DTYPES[output.dtype], **flags,
     )
     _merge_splits_kernel[(num_reqs, num_kv_heads * group)](
         output, output.stride(0), output.stride(1),
@@ -332,8 +379,9 @@ def _split_decode(query, output, cache, block_table, query_start_loc, seq_lens, 
 def _store_kv_kernel(key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride_vh,
                      a_cache_ptr, a_stride_cb, a_stride_ch, a_stride_cs, a_slot_ptr, a_heads_ptr,
                      b_cache_ptr, b_stride_cb, b_stride_ch, b_stride_cs, b_slot_ptr, b_heads_ptr,
+                     k_scale_ptr, v_scale_ptr,
                      NUM_A: tl.constexpr, PAGE_A: tl.constexpr, PAGE_B: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
     j = tl.program_id(1)
     if j < NUM_A:  # a head of the first cache
@@ -350,18 +398,23 @@ def _store_kv_kernel(key_ptr, stride_kt, stride_kh, value_ptr, stride_vt, stride
     mask = d < HEAD_DIM
     k = tl.load(key_ptr + t * stride_kt + head * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + head * stride_vh + d, mask=mask)
+    if FP8_MAX > 0:  # FP8 pages: x / scale, saturated, rounded to nearest even, as vLLM's CUDA cache write
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -FP8_MAX, FP8_MAX)
     tl.store(dst + d, k.to(b_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HEAD_DIM + d, v.to(b_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv_heads(key: torch.Tensor, value: torch.Tensor,
-                   targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+                   targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write K/V of a layer's KV heads into up to two paged caches in one launch.
 
     key/value [T, Hkv, D]; each target is (heads, cache, slot_mapping): KV heads ``heads[i]`` go
     to head slot ``i`` of ``cache`` [blocks, head slots, block_size, 2 * D] at ``slot_mapping``
     (-1: padding, skipped). Only the first ``len(slot_mapping)`` tokens are written: vLLM pads
-    key/value for CUDA graphs but not the slot mapping.
+    key/value for CUDA graphs but not the slot mapping. Float8 caches (both the same dtype) get
+    ``fp8(x / scale)`` with the one-element device tensors ``k_scale`` / ``v_scale``.
     """
     targets = [t for t in targets if t[0].numel() > 0]
     if not targets:
@@ -372,10 +425,15 @@ def store_kv_heads(key: torch.Tensor, value: torch.Tensor,
     (a_heads, a_cache, a_slots), (b_heads, b_cache, b_slots) = targets[0], targets[-1]
     num_a = a_heads.numel() if len(targets) == 2 else 0
     head_dim = key.shape[-1]
+    fp8 = b_cache.element_size() == 1
+    if a_cache.dtype != b_cache.dtype or (fp8 and (k_scale is None or v_scale is None)):
+        raise ValueError("both caches must have one dtype, and FP8 caches need k_scale and v_scale")
+    fp8_max = torch.finfo(b_cache.dtype).max if fp8 else 0.0
     _store_kv_kernel[(num_tokens, num_a + b_heads.numel())](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
         a_cache, a_cache.stride(0), a_cache.stride(1), a_cache.stride(2), a_slots, a_heads,
         b_cache, b_cache.stride(0), b_cache.stride(1), b_cache.stride(2), b_slots, b_heads,
+        k_scale if fp8 else b_slots, v_scale if fp8 else b_slots,
         NUM_A=num_a, PAGE_A=a_cache.shape[2], PAGE_B=b_cache.shape[2],
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), FP8_MAX=fp8_max,
     )

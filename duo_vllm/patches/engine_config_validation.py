@@ -3,8 +3,8 @@
 Why: the DUO backend resolves its pattern when the first attention layer is built, inside the
 engine-core process; an error there reaches the user as a long traceback ending in "Engine core
 initialization failed". Resolving it as soon as the ``VllmConfig`` exists turns every bad option,
-missing or malformed pattern, or pattern for another model into one ``ValueError`` (a
-``PatternError``) raised by ``LLM(...)`` / ``vllm serve`` itself, in a second instead of after
+missing or malformed pattern, pattern for another model, or KV-cache dtype DUO cannot serve
+(``duo_vllm.kv_quant``) into one ``ValueError`` raised by ``LLM(...)`` / ``vllm serve`` itself, in a second instead of after
 process start-up.
 How: wrap ``EngineArgs.create_engine_config``; when the config selects DUO, build the DUO runtime
 once (it is cached by config hash, so the engine core's later lookup is the same one).
@@ -38,8 +38,13 @@ def when_duo_is_selected(check) -> None:
 
 def _resolve_runtime(config) -> None:
     from duo_vllm.head_order import checkpoint_order_reason
+    from duo_vllm.kv_quant import kv_cache_dtype_error
     from duo_vllm.runtime import runtime_from_vllm_config
+    from duo_vllm.vllm_support import platform_name
 
+    dtype_error = kv_cache_dtype_error(config.cache_config.cache_dtype, platform_name(), config.model_config.dtype)
+    if dtype_error:
+        raise ValueError(dtype_error)
     checkpoint_order_reason(config, runtime_from_vllm_config(config))
 
 

@@ -56,6 +56,12 @@ def _wrap_attention() -> None:
             self.duo_streaming_layer_name = None
             if not _is_duo(self):
                 return
+            scheme = getattr(getattr(self, "quant_config", None), "kv_cache_scheme", None) or {}
+            if scheme.get("strategy") == "attn_head":
+                raise ValueError(
+                    f"{self.layer_name}: this checkpoint's KV-cache scheme has per-head scales; DUO splits "
+                    "each layer's heads between two caches and supports per-tensor FP8 scales only. Serve "
+                    "it with --kv-cache-dtype auto, or without --attention-backend DUO.")
             from duo_vllm.kv_cache.layers import COMPANION_SUFFIX, DuoStreamingCache
 
             plan = self.impl.head_plan(self)

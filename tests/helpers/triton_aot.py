@@ -18,7 +18,10 @@ import os
 import sys
 
 TARGETS = [("cuda", 90, 32), ("cuda", 80, 32)]  # Hopper (H100/H200), Ampere (A100)
-TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32", "int64": "i64"}
+TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int32": "i32", "int64": "i64",
+                   "float8_e4m3fn": "fp8e4nv"}
+# FP8 KV caches run only where FlashAttention 3 reads them (Hopper): compiled for sm_90 only.
+FP8_TARGETS = [("cuda", 90, 32)]
 
 
 class Recorder:
@@ -53,6 +56,15 @@ def signature(fn, args, constexprs) -> tuple[dict, dict]:
     return types, values
 
 
+def record_into(kernels, launches: list) -> None:
+    """Replace every kernel of ``kernels`` by a recorder appending to ``launches``."""
+    for name in ("_lambda_paged_attention_kernel", "_lambda_decode_split_kernel", "_merge_splits_kernel",
+                 "_store_kv_kernel"):
+        kernel = getattr(kernels, name)
+        setattr(kernels, name, Recorder(getattr(kernel, "fn", kernel) if isinstance(kernel, Recorder) else kernel,
+                                        launches))
+
+
 def record_launches() -> list:
     """Every launch the wrappers make for a spread of real configurations."""
     import torch
@@ -60,9 +72,7 @@ def record_launches() -> list:
     import duo_vllm.ops.triton_streaming as kernels
 
     launches: list = []
-    for name in ("_lambda_paged_attention_kernel", "_lambda_decode_split_kernel", "_merge_splits_kernel",
-                 "_store_kv_kernel"):
-        setattr(kernels, name, Recorder(getattr(kernels, name), launches))
+    record_into(kernels, launches)
 
     for dtype in (torch.bfloat16, torch.float32):  # fp16 takes bf16's code path
         # (KV heads, GQA group, head size): Llama-3 GQA, MHA, a group of 5, a head size of 80
@@ -86,6 +96,39 @@ def record_launches() -> list:
     return launches
 
 
+def record_fp8_launches() -> list:
+    """The launches of an FP8 KV cache (--kv-cache-dtype fp8): FP8 query and pages, bf16 output."""
+    import torch
+
+    import duo_vllm.ops.triton_streaming as kernels
+
+    launches: list = []
+    record_into(kernels, launches)
+    fp8 = torch.float8_e4m3fn
+    scale = torch.ones(1, dtype=torch.float32)
+    scales = dict(q_scale=scale, k_scale=scale, v_scale=scale)
+    for num_kv, group, d in ((4, 4, 128), (24, 1, 128)):
+        num_q = num_kv * group
+        query = torch.zeros(8, 2 * num_q, d, dtype=torch.bfloat16)
+        cache = torch.zeros(6, num_kv + 1, 16, 2 * d, dtype=fp8)
+        table = torch.zeros(3, 4, dtype=torch.int32)
+        starts = torch.tensor([0, 1, 2, 2], dtype=torch.int32)
+        seq_lens = torch.tensor([300, 40, 0], dtype=torch.int32)
+        q_heads = torch.arange(num_q) * 2
+        common = dict(num_kv_heads=num_kv, sink=64, recent=256, scale=d ** -0.5)
+        for q in (query.to(fp8), query):  # vLLM's FP8 query (FA3), or the model's dtype
+            for max_query_len, splits in ((1, 1), (1, 10), (6, None)):
+                kernels.lambda_paged_attention(q, torch.empty_like(query), cache, table, starts, seq_lens,
+                                               max_query_len, q_heads, num_splits=splits, **common,
+                                               **(scales if q.dtype == fp8 else dict(k_scale=scale, v_scale=scale)))
+        key = torch.zeros(8, 2 * num_kv, d, dtype=torch.bfloat16)
+        slots = torch.zeros(8, dtype=torch.int64)
+        retrieval, streaming = torch.arange(num_kv), torch.arange(num_kv, 2 * num_kv)
+        kernels.store_kv_heads(key, key, [(retrieval, cache, slots), (streaming, cache, slots)],
+                               k_scale=scale, v_scale=scale)
+    return launches
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET"):
         print("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions to compile", file=sys.stderr)
@@ -95,13 +138,15 @@ def main() -> int:
     from triton.compiler import ASTSource
 
     seen = set()
-    for fn, args, constexprs in record_launches():
+    launches = [(launch, TARGETS) for launch in record_launches()]
+    launches += [(launch, FP8_TARGETS) for launch in record_fp8_launches()]
+    for (fn, args, constexprs), targets in launches:
         types, values = signature(fn, args, constexprs)
-        key = (fn.__name__, tuple(sorted(types.items())), tuple(sorted(values.items())))
+        key = (fn.__name__, tuple(sorted(types.items())), tuple(sorted(map(str, values.items()))))
         if key in seen:
             continue
         seen.add(key)
-        for backend, arch, warp in TARGETS:
+        for backend, arch, warp in targets:
             compiled = triton.compile(ASTSource(fn=fn, signature=types, constexprs=values),
                                       target=GPUTarget(backend, arch, warp))
             consts = ", ".join(f"{fn.arg_names[i[0]]}={v}" for i, v in values.items())

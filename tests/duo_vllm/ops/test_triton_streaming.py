@@ -176,3 +176,103 @@ def test_store_writes_both_caches_and_skips_padding():
     only = torch.zeros_like(s_cache)
     store_kv_heads(key, value, [(torch.tensor([], dtype=torch.long), r_cache, r_slots), (streaming, only, s_slots)])
     assert torch.equal(only, want_s)
+
+
+# ---- FP8 KV cache (--kv-cache-dtype fp8) -------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_batch(requests, *, sink, recent, page, num_kv, group, head_dim, seed, fp8_query):
+    """A batch whose pages hold e4m3 codes (x / scale) and, optionally, an FP8 query, as vLLM
+    hands them to DUO under --kv-cache-dtype fp8; the reference sees the dequantized values."""
+    from duo_vllm.kv_quant import dequantize_fp8, quantize_fp8
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = build_batch(requests, sink=sink, recent=recent, page=page, num_kv=num_kv, group=group,
+                        head_dim=head_dim, gen=gen)
+    k_scale, v_scale, q_scale = torch.tensor([0.37]), torch.tensor([1.9]), torch.tensor([0.05])
+    cache = batch["cache"]
+    codes = torch.cat([quantize_fp8(cache[..., :head_dim], k_scale, FP8),
+                       quantize_fp8(cache[..., head_dim:], v_scale, FP8)], dim=-1)
+    codes[0] = 0x7F  # the null block: e4m3 NaN
+    batch["cache"] = codes.view(FP8)
+    batch["dense_k"] = [dequantize_fp8(quantize_fp8(k, k_scale, FP8), k_scale, FP8) for k in batch["dense_k"]]
+    batch["dense_v"] = [dequantize_fp8(quantize_fp8(v, v_scale, FP8), v_scale, FP8) for v in batch["dense_v"]]
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if fp8_query:
+        q_codes = quantize_fp8(batch["query"], q_scale, FP8)
+        batch["reference_query"] = dequantize_fp8(q_codes, q_scale, FP8)
+        batch["query"] = q_codes.view(FP8)
+        scales["q_scale"] = q_scale
+    return batch, scales
+
+
+@pytest.mark.parametrize("fp8_query", [True, False], ids=["fp8-query", "model-dtype-query"])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_fp8_pages_match_dequantized_reference(fp8_query, num_splits):
+    requests = [(90, 1), (7, 1), (70, 70), (150, 37), (0, 0)] if num_splits is None else [(300, 1), (40, 1), (0, 0)]
+    sink, recent, num_kv, group, head_dim = 6, 20, 2, 3, 16
+    batch, scales = fp8_batch(requests, sink=sink, recent=recent, page=8, num_kv=num_kv, group=group,
+                              head_dim=head_dim, seed=5, fp8_query=fp8_query)
+    query = batch["query"]
+    output = torch.full(query.shape, 7.0)  # the model's dtype (fp32 here)
+    lambda_paged_attention(query, output, batch["cache"], batch["block_table"], batch["query_start"],
+                           batch["seq_lens"], batch["max_query_len"], batch["q_heads"], num_kv_heads=num_kv,
+                           sink=sink, recent=recent, scale=head_dim ** -0.5, num_splits=num_splits, **scales)
+    batch["query"] = batch.get("reference_query", query)
+    want = reference(batch, requests, sink=sink, recent=recent, scale=head_dim ** -0.5)
+    for r, expected in want.items():
+        begin = int(batch["query_start"][r])
+        got = output[begin:begin + expected.shape[0]][:, batch["q_heads"]]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    assert bool(torch.isfinite(output).all()), "a freed block was read"
+
+
+def test_fp8_pages_need_their_scales():
+    batch, scales = fp8_batch([(20, 1)], sink=2, recent=4, page=4, num_kv=1, group=1, head_dim=16, seed=0,
+                              fp8_query=True)
+    with pytest.raises(ValueError, match="q_scale"):
+        lambda_paged_attention(batch["query"], torch.zeros(batch["query"].shape), batch["cache"],
+                               batch["block_table"], batch["query_start"], batch["seq_lens"], 1, batch["q_heads"],
+                               num_kv_heads=1, sink=2, recent=4, scale=0.25, k_scale=scales["k_scale"])
+
+
+def test_fp8_store_writes_scaled_saturated_codes():
+    """fp8(x / scale), saturated at 448, in the right slots. The inputs are e4m3 values times
+    power-of-two scales, so no rounding is involved: Triton's interpreter does not round like the
+    GPU's cvt.rn.satfinite (it drops carries into the exponent), which is why the rounding itself
+    is checked on the GPU against vLLM's reshape_and_cache_flash (benchmarks/gpu_check_duo.py)."""
+    from duo_vllm.kv_quant import quantize_fp8
+
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, num_kv, head_dim = 7, 3, 16
+    k_scale, v_scale = torch.tensor([0.5]), torch.tensor([4.0])
+
+    def draw(scale):
+        codes = torch.randint(0, 0x7F, (num_tokens, num_kv, head_dim), generator=gen, dtype=torch.uint8)
+        codes[..., 0] = 0x7E  # 448, the largest finite e4m3
+        x = codes.view(FP8).float() * scale
+        x[..., 1] = 1000.0 * scale  # saturates to 448
+        x[..., 2] = -1e6 * scale  # to -448
+        return x
+
+    key, value = draw(k_scale), draw(v_scale)
+    retrieval, streaming = torch.tensor([2]), torch.tensor([0, 1])
+    slots = torch.tensor([3, 0, -1, 5, 6, 1, 2])
+    r_cache = torch.zeros(2, 1, 4, 2 * head_dim, dtype=torch.uint8).view(FP8)
+    s_cache = torch.zeros(2, 2, 4, 2 * head_dim, dtype=torch.uint8).view(FP8)
+    store_kv_heads(key, value, [(retrieval, r_cache, slots), (streaming, s_cache, slots)],
+                   k_scale=k_scale, v_scale=v_scale)
+    for heads, cache in ((retrieval, r_cache), (streaming, s_cache)):
+        codes = cache.view(torch.uint8)
+        for t, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            got = codes[slot // 4, :, slot % 4]
+            want_k, want_v = quantize_fp8(key[t, heads], k_scale, FP8), quantize_fp8(value[t, heads], v_scale, FP8)
+            assert torch.equal(got[:, :head_dim], want_k) and torch.equal(got[:, head_dim:], want_v)
+            assert bool((got.view(FP8).float()[:, [0, 1]] == 448).all() and (got.view(FP8).float()[:, 2] == -448).all())
+    assert int((r_cache.view(torch.uint8) != 0).any(-1).sum()) == 6  # the padding token was skipped
+    with pytest.raises(ValueError, match="k_scale"):
+        store_kv_heads(key, value, [(streaming, s_cache, slots)])
