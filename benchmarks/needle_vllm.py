@@ -1,8 +1,8 @@
 """Needle check through vLLM: multi-passkey retrieval at one context length, per engine setting.
 
 The samples are ``gate_training``'s held-out passkey samples (the needle check's own, over the
-Canterbury corpus): the prompt ends where the passkeys' answer begins, each engine generates the
-answer greedily, and a sample scores the share of answer tokens it got right (``exact`` when all).
+Canterbury corpus), scored as ``gate_training.needle`` scores them: teacher-forced, the share of the
+answer's tokens (five 16-word passkeys) that are the engine's top-1 next token (``exact`` when all).
 Runs are ``NAME=BACKEND:KV_CACHE_DTYPE`` (BACKEND: ``stock`` = FLASH_ATTN, ``duo`` = the shipped
 pattern of the model, or ``--pattern``), one engine at a time, each with vLLM's defaults (CUDA
 graphs, chunked prefill, prefix caching). Writes JSON and prints a table last.
@@ -59,19 +59,17 @@ def run_engine(path: str, backend: str, kv_cache_dtype: str, data: list[dict], a
     started = time.time()
     llm = LLM(**kwargs)
     start_s = time.time() - started
-    prompts, answers = [], []
-    for sample in data:
-        cut = int(sample["answer_start"])
-        prompts.append(TokensPrompt(prompt_token_ids=list(sample["input_ids"][:cut])))
-        answers.append(list(sample["input_ids"][cut:]))
+    # Teacher-forced, as gate_training.needle scores it: at every answer position, is the
+    # engine's top-1 next token the passkey's token?
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     t = time.time()
-    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=len(a), ignore_eos=True) for a in answers],
-                        use_tqdm=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(s["input_ids"])) for s in data], params, use_tqdm=False)
     scores = []
-    for out, answer in zip(outs, answers):
-        got = list(out.outputs[0].token_ids)
-        right = sum(g == a for g, a in zip(got, answer))
-        scores.append({"token_accuracy": round(right / len(answer), 4), "exact": got == answer})
+    for out, sample in zip(outs, data):
+        ids, start = list(sample["input_ids"]), int(sample["answer_start"])
+        top1 = [next(tok for tok, lp in out.prompt_logprobs[i].items() if lp.rank == 1) for i in range(start, len(ids))]
+        right = sum(a == b for a, b in zip(top1, ids[start:]))
+        scores.append({"token_accuracy": round(right / (len(ids) - start), 4), "exact": right == len(ids) - start})
     result = {"backend": backend, "kv_cache_dtype": kv_cache_dtype, "start_s": round(start_s, 1),
               "generate_s": round(time.time() - t, 1),
               "kv_tokens": llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens,
