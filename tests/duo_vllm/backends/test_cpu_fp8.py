@@ -20,7 +20,11 @@ from tests.duo_vllm.backends.test_cpu_vs_reference import duo_prompt_logprobs
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
 from tests.helpers.llm import greedy_tokens, offline_llm
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()),
+                       reason="vLLM-CPU's FP8 KV cache needs x86 with AVX-512 or AMX"),
+]
 
 SINK, RECENT = 16, 64
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1400, seed=0, kv_cache_dtype="fp8")
