@@ -98,8 +98,11 @@ class Fp8KV:
         return cls(dtype, float(layer._k_scale_float), float(layer._v_scale_float),
                    toward_zero=platform in TOWARD_ZERO_PLATFORMS)
 
-    def quantize(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        return quantize_fp8(x, scale, self.dtype, toward_zero=self.toward_zero)
+    def quantize(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 codes of ``key`` and ``value`` with their scales."""
+        return (quantize_fp8(key, self.k_scale, self.dtype, toward_zero=self.toward_zero),
+                quantize_fp8(value, self.v_scale, self.dtype, toward_zero=self.toward_zero))
 
-    def dequantize(self, codes: torch.Tensor, scale: float) -> torch.Tensor:
-        return dequantize_fp8(codes, scale, self.dtype)
+    def dequantize(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 values of the codes ``key`` and ``value``."""
+        return dequantize_fp8(key, self.k_scale, self.dtype), dequantize_fp8(value, self.v_scale, self.dtype)

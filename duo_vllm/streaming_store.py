@@ -43,14 +43,14 @@ class StreamingKV:
         blocks, offsets = slots // self.block_size, slots % self.block_size
         d, h = self.head_size, self.num_heads
         if self.fp8 is not None:
-            key, value = self.fp8.quantize(key, self.fp8.k_scale), self.fp8.quantize(value, self.fp8.v_scale)
+            key, value = self.fp8.quantize(key, value)
         self.cache[blocks, :h, offsets, :d] = key.to(self.cache.dtype)
         self.cache[blocks, :h, offsets, d:] = value.to(self.cache.dtype)
 
     def _split(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key, value = kv[..., : self.head_size], kv[..., self.head_size:]
         if self.fp8 is not None:
-            key, value = self.fp8.dequantize(key, self.fp8.k_scale), self.fp8.dequantize(value, self.fp8.v_scale)
+            key, value = self.fp8.dequantize(key, value)
         return key, value
 
     def gather(self, block_row: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

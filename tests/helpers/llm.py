@@ -1,4 +1,5 @@
-"""One offline vLLM engine at a time, shut down cleanly (tests share engines per module)."""
+"""One offline vLLM engine at a time, shut down cleanly (tests share engines per module), and the
+Hugging Face side of the log-prob comparisons."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def greedy_tokens(llm, prompts, max_tokens: int) -> list[list[int]]:
     outputs = llm.generate(inputs, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                            use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def hf_prompt_logprobs(model, prompts) -> list:
+    """Log-prob of every prompt token after the first under a Hugging Face causal LM (numpy arrays,
+    one per prompt), as vLLM's ``prompt_logprobs`` report them."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            lp = torch.log_softmax(model(x).logits[0].float(), -1)
+            out.append(lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).numpy())
+    return out

@@ -65,6 +65,20 @@ def record_into(kernels, launches: list) -> None:
                                         launches))
 
 
+def paged_inputs(num_kv: int, group: int, d: int, dtype, cache_dtype):
+    """A small batch for the attention wrappers: query (half its heads streaming), paged cache,
+    (block table, query starts, sequence lengths, streaming query heads) and the common options.
+    Requests: a decode at 300 tokens, one at 40, and a CUDA-graph padding request."""
+    import torch
+
+    num_q = num_kv * group
+    query = torch.zeros(8, 2 * num_q, d, dtype=dtype)
+    cache = torch.zeros(6, num_kv + 1, 16, 2 * d, dtype=cache_dtype)
+    batch = (torch.zeros(3, 4, dtype=torch.int32), torch.tensor([0, 1, 2, 2], dtype=torch.int32),
+             torch.tensor([300, 40, 0], dtype=torch.int32), torch.arange(num_q) * 2)
+    return query, cache, batch, dict(num_kv_heads=num_kv, sink=64, recent=256, scale=d ** -0.5)
+
+
 def record_launches() -> list:
     """Every launch the wrappers make for a spread of real configurations."""
     import torch
@@ -77,17 +91,10 @@ def record_launches() -> list:
     for dtype in (torch.bfloat16, torch.float32):  # fp16 takes bf16's code path
         # (KV heads, GQA group, head size): Llama-3 GQA, MHA, a group of 5, a head size of 80
         for num_kv, group, d in ((4, 4, 128), (24, 1, 128), (2, 5, 64), (3, 2, 80)):
-            num_q = num_kv * group
-            query = torch.zeros(8, 2 * num_q, d, dtype=dtype)
-            cache = torch.zeros(6, num_kv + 1, 16, 2 * d, dtype=dtype)
-            table = torch.zeros(3, 4, dtype=torch.int32)
-            starts = torch.tensor([0, 1, 2, 2], dtype=torch.int32)
-            seq_lens = torch.tensor([300, 40, 0], dtype=torch.int32)
-            q_heads = torch.arange(num_q) * 2
-            common = dict(num_kv_heads=num_kv, sink=64, recent=256, scale=d ** -0.5)
+            query, cache, batch, common = paged_inputs(num_kv, group, d, dtype, dtype)
             for max_query_len, splits in ((1, 1), (1, 10), (1, 3), (6, None)):  # decode, split decode, prefill
-                kernels.lambda_paged_attention(query, torch.empty_like(query), cache, table, starts, seq_lens,
-                                               max_query_len, q_heads, num_splits=splits, **common)
+                kernels.lambda_paged_attention(query, torch.empty_like(query), cache, *batch[:3], max_query_len,
+                                               batch[3], num_splits=splits, **common)
             key = torch.zeros(8, 2 * num_kv, d, dtype=dtype)
             slots = torch.zeros(8, dtype=torch.int64)
             retrieval, streaming = torch.arange(num_kv), torch.arange(num_kv, 2 * num_kv)
@@ -108,18 +115,11 @@ def record_fp8_launches() -> list:
     scale = torch.ones(1, dtype=torch.float32)
     scales = dict(q_scale=scale, k_scale=scale, v_scale=scale)
     for num_kv, group, d in ((4, 4, 128), (24, 1, 128)):
-        num_q = num_kv * group
-        query = torch.zeros(8, 2 * num_q, d, dtype=torch.bfloat16)
-        cache = torch.zeros(6, num_kv + 1, 16, 2 * d, dtype=fp8)
-        table = torch.zeros(3, 4, dtype=torch.int32)
-        starts = torch.tensor([0, 1, 2, 2], dtype=torch.int32)
-        seq_lens = torch.tensor([300, 40, 0], dtype=torch.int32)
-        q_heads = torch.arange(num_q) * 2
-        common = dict(num_kv_heads=num_kv, sink=64, recent=256, scale=d ** -0.5)
+        query, cache, batch, common = paged_inputs(num_kv, group, d, torch.bfloat16, fp8)
         for q in (query.to(fp8), query):  # vLLM's FP8 query (FA3), or the model's dtype
             for max_query_len, splits in ((1, 1), (1, 10), (6, None)):
-                kernels.lambda_paged_attention(q, torch.empty_like(query), cache, table, starts, seq_lens,
-                                               max_query_len, q_heads, num_splits=splits, **common,
+                kernels.lambda_paged_attention(q, torch.empty_like(query), cache, *batch[:3], max_query_len,
+                                               batch[3], num_splits=splits, **common,
                                                **(scales if q.dtype == fp8 else dict(k_scale=scale, v_scale=scale)))
         key = torch.zeros(8, 2 * num_kv, d, dtype=torch.bfloat16)
         slots = torch.zeros(8, dtype=torch.int64)

@@ -21,7 +21,7 @@ import torch
 from duo_vllm.pattern import load_pattern
 from tests.duo_vllm.backends.test_cpu_vs_reference import duo_prompt_logprobs
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
-from tests.helpers.llm import offline_llm
+from tests.helpers.llm import hf_prompt_logprobs, offline_llm
 
 pytestmark = pytest.mark.slow
 
@@ -86,13 +86,7 @@ def reference_logprobs(folder, mask, prompts, *, duo: bool) -> list[np.ndarray]:
         use_duo_reference(model, mask, sink=SINK, recent=RECENT)
     else:
         model.set_attn_implementation("eager")
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            lp = torch.log_softmax(model(x).logits[0].float(), -1)
-            out.append(lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).numpy())
-    return out
+    return hf_prompt_logprobs(model, prompts)
 
 
 def vllm_logprobs(folder, pattern, prompts) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import torch
 from duo_vllm.pattern import load_pattern
 from tests.duo_vllm.backends.test_cpu_vs_reference import duo_prompt_logprobs
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
-from tests.helpers.llm import greedy_tokens, offline_llm
+from tests.helpers.llm import greedy_tokens, hf_prompt_logprobs, offline_llm
 
 pytestmark = [
     pytest.mark.slow,
@@ -64,13 +64,7 @@ def reference_logprobs(model_path, prompts, mask) -> list[np.ndarray]:
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     use_duo_reference(model, mask, sink=SINK, recent=RECENT, rounding=rounding)
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            lp = torch.log_softmax(model(x).logits[0].float(), -1)
-            out.append(lp[:-1].gather(1, x[0, 1:, None]).squeeze(1).numpy())
-    return out
+    return hf_prompt_logprobs(model, prompts)
 
 
 def test_all_retrieval_equals_stock_fp8(smollm2, prompts, pattern, stock):
