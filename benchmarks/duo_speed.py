@@ -34,7 +34,12 @@ stream beside FA3 (``"overlap_streaming": true``) instead of after it.
     python benchmarks/duo_speed.py --case llama2-7b-mha-25 --patterns PATTERNS --out $OUT --longest
     python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT \
         --lengths 131072 --skip-throughput --backends stock,duo,duo-gather   # batch 1 at 128K only
+    python benchmarks/duo_speed.py --case llama3-8b-gqa-50 --patterns PATTERNS --out $OUT \
+        --kv-cache-dtype fp8 --lengths 131072 --throughput 48x32768   # FP8 KV cache, both engines
     python benchmarks/duo_speed.py --plot benchmarks/results/duo_speed.json   # PNG, locally
+
+``--kv-cache-dtype fp8`` runs both engines with vLLM's FP8 KV cache; the floors then count one byte
+per cached element (DUO's report is planned with the same dtype).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ BANDWIDTH, PEAK_FLOPS = DEVICES["H100"]  # set for the device in main()
 LONGEST_POSITIONS = 4 * 1024 * 1024  # position limit given to the shapes for --longest
 OUTPUT_TOKENS = 128
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine and DUO's report
 
 CASES = {
     "llama3-8b-gqa-50": dict(config=LLAMA3_8B, pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
@@ -131,7 +137,7 @@ def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_upd
 
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
     kwargs = engine_kwargs(model, max_len, 0.9, duo, enable_prefix_caching=False, max_num_seqs=256,
-                           disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
+                           kv_cache_dtype=KV_CACHE_DTYPE, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
                            compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     start = time.time()
     llm = LLM(**kwargs)
@@ -185,7 +191,7 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
     from vllm import LLM
 
     kwargs = engine_kwargs(model, -1, 0.9, duo, enable_prefix_caching=False, max_num_seqs=8,
-                           disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
+                           kv_cache_dtype=KV_CACHE_DTYPE, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
                            hf_overrides={"max_position_embeddings": LONGEST_POSITIONS},
                            compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
     llm = LLM(**kwargs)
@@ -228,17 +234,19 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
     model = model_dir(case["config"])
     duo = {"pattern": str(Path(patterns) / case["pattern"]), "sparsity": case["sparsity"]}
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
-    report = duo_report(engine_kwargs(model, max_len, 0.9, duo))
+    report = duo_report(engine_kwargs(model, max_len, 0.9, duo, kv_cache_dtype=KV_CACHE_DTYPE))
     report["streaming_window_tokens"] = report["streaming_bytes_per_request"] // max(
         1, report["stock_bytes_per_token"] - report["retrieval_bytes_per_token"])
     import vllm
 
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__, "case": name,
+               "kv_cache_dtype": KV_CACHE_DTYPE,
                "pattern": case["pattern"], "sparsity": case["sparsity"],
                "command": " ".join(["python", "benchmarks/duo_speed.py", *sys.argv[1:]]),
                "device_floors": {"bandwidth_bytes_per_s": BANDWIDTH, "peak_bf16_flops": PEAK_FLOPS},
                "duo_report": report, "floors": {}}
-    path = out / f"duo_speed_{name}{'_longest' if longest_budget_s is not None else ''}.json"
+    suffix = ("_longest" if longest_budget_s is not None else "") + ("" if KV_CACHE_DTYPE == "auto" else f"_{KV_CACHE_DTYPE}")
+    path = out / f"duo_speed_{name}{suffix}.json"
     out.mkdir(parents=True, exist_ok=True)
 
     def save(key, partial):
@@ -404,6 +412,9 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     parser.add_argument("--lengths", help="comma-separated batch-1 lengths instead of the case's (e.g. 131072)")
     parser.add_argument("--skip-throughput", action="store_true", help="batch-1 lengths only")
+    parser.add_argument("--throughput", help="comma-separated COUNTxLENGTH workloads instead of the case's "
+                                             "(e.g. 48x32768)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="both engines' --kv-cache-dtype (auto or fp8)")
     args = parser.parse_args()
     backends = parse_backends(parser, args.backends)
     if args.plot:
@@ -417,11 +428,19 @@ def main() -> None:
         return
     if not (args.patterns and args.case):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
-    set_device_floors(args.bandwidth, args.peak_flops)
     if args.lengths:
         CASES[args.case]["lengths"] = [int(n) for n in args.lengths.split(",")]
+    if args.throughput:
+        try:
+            CASES[args.case]["throughput"] = [(int(n), int(c)) for c, n in
+                                              (item.split("x") for item in args.throughput.split(","))]
+        except ValueError:
+            parser.error(f"--throughput {args.throughput!r}: expected COUNTxLENGTH[,COUNTxLENGTH...], e.g. 48x32768")
     if args.skip_throughput:
         CASES[args.case]["throughput"] = []
+    global KV_CACHE_DTYPE
+    KV_CACHE_DTYPE = args.kv_cache_dtype
+    set_device_floors(args.bandwidth, args.peak_flops)
     results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, backends,
                        args.longest_budget_s if args.longest else None)
     print(table(results))
