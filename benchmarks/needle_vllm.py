@@ -91,6 +91,14 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    runs = []
+    for item in args.runs.split(","):
+        name, _, spec = item.partition("=")
+        backend, _, kv_cache_dtype = spec.partition(":")
+        if not name or backend not in ("stock", "duo") or not kv_cache_dtype:
+            parser.error(f"--runs item {item!r}: expected NAME=BACKEND:KV_CACHE_DTYPE with BACKEND stock or duo, "
+                         "e.g. duo-fp8=duo:fp8")
+        runs.append((name, backend, kv_cache_dtype))
     import torch
     import vllm
 
@@ -102,9 +110,7 @@ def main() -> None:
               "command": " ".join(["python", "benchmarks/needle_vllm.py", *sys.argv[1:]]), "runs": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for item in args.runs.split(","):
-        name, spec = item.split("=")
-        backend, kv_cache_dtype = spec.split(":")
+    for name, backend, kv_cache_dtype in runs:
         result["runs"][name] = run_engine(path, backend, kv_cache_dtype, data, args)
         print(name, json.dumps(result["runs"][name]), flush=True)
         (out / "needle_vllm.json").write_text(json.dumps(result, indent=2))
