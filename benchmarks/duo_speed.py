@@ -22,8 +22,8 @@ plus the decode floor per step at the batch size that fits.
 ``--longest``: each engine starts with ``--max-model-len -1`` (vLLM's auto-fit, which for DUO
 counts what one request needs at its peak) on the shape with its position limit raised, which gives the
 longest context each can hold; batch-1 TTFT and decode are then measured at that length (less the
-output) when that prefill is expected within ``--longest-budget-s``, else only the length is
-recorded.
+output) when that prefill is expected (1.6x its floor) within ``--longest-budget-s``, else at the
+longest context that is: the JSON keeps both (``held_context``, ``context``).
 
 ``--backends stock,duo,duo-gather,duo-overlap`` adds DUO engines that differ in one option, batch-1
 lengths only: ``duo-gather`` keeps the checkpoint's head order (``"reorder_heads": false``:
@@ -71,6 +71,7 @@ DEVICES = {
 BANDWIDTH, PEAK_FLOPS = DEVICES["H100"]  # set for the device in main()
 LONGEST_POSITIONS = 4 * 1024 * 1024  # position limit given to the shapes for --longest
 OUTPUT_TOKENS = 128
+PREFILL_OVER_FLOOR = 1.6  # measured prefill / floor on the H100 and H200 at 128K-770K (1.45-1.65)
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine and DUO's report
 
@@ -197,20 +198,37 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
     llm = LLM(**kwargs)
     config = llm.llm_engine.vllm_config
     longest = config.model_config.max_model_len
-    n = longest - decode_tokens - 2
+    held = longest - decode_tokens - 2
+    kind = "duo_prefill_s" if duo else "stock_prefill_s"
+    n = largest_context_within(lambda m: PREFILL_OVER_FLOOR * floors(case["config"], report, m)[kind], held, budget_s)
     floor = floors(case["config"], report, n)
     result = {"max_model_len": longest, "kv_tokens": config.cache_config.kv_cache_size_tokens,
-              "context": n, "prefill_floor_s": round(floor["duo_prefill_s" if duo else "stock_prefill_s"], 1)}
-    if 1.6 * result["prefill_floor_s"] > budget_s:  # prefill at ~60% of peak
-        result["skipped"] = (f"prefill of {n} tokens: floor {result['prefill_floor_s']} s, expected over the "
-                             f"{budget_s:.0f} s budget (--longest-budget-s)")
-    else:
-        timed_request(llm, synthetic_prompt(4096), decode_tokens)  # warm-up
-        result.update(timed_request(llm, synthetic_prompt(n), decode_tokens))
-        result["floors"] = {k: round(v, 3) for k, v in floor.items()}
+              "held_context": held, "context": n, "prefill_floor_s": round(floor[kind], 1)}
+    if n < held:
+        result["shortened"] = shortened_reason(held, floors(case["config"], report, held)[kind], n, budget_s)
+    timed_request(llm, synthetic_prompt(4096), decode_tokens)  # warm-up
+    result.update(timed_request(llm, synthetic_prompt(n), decode_tokens))
+    result["floors"] = {k: round(v, 3) for k, v in floor.items()}
     print(("DUO" if duo else "stock"), "longest", result, flush=True)
     llm.llm_engine.engine_core.shutdown(timeout=60)
     return result
+
+
+def shortened_reason(held: int, held_floor_s: float, context: int, budget_s: float) -> str:
+    return (f"prefill of the {held}-token context held: floor {held_floor_s:.0f} s, expected "
+            f"{PREFILL_OVER_FLOOR * held_floor_s:.0f} s ({PREFILL_OVER_FLOOR}x), over the {budget_s:.0f} s "
+            f"budget (--longest-budget-s); timed at {context} tokens instead")
+
+
+def largest_context_within(expected_s, held: int, budget_s: float, step: int = 1024) -> int:
+    """The longest context (a multiple of ``step``, at most ``held``) whose expected prefill fits."""
+    if expected_s(held) <= budget_s:
+        return held
+    lo, hi = 0, held // step  # expected_s grows with the context: bisect on multiples of step
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if expected_s(mid * step) <= budget_s else (lo, mid - 1)
+    return max(step, lo * step)
 
 
 def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: int, duo: bool) -> float:
@@ -280,13 +298,16 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
 
 def table(results: dict) -> str:
     if "longest" in results:
-        lines = [f"{results['case']} on {results['device']}: the longest context each engine holds"]
+        kv = "" if results.get("kv_cache_dtype", "auto") == "auto" else f", {results['kv_cache_dtype']} KV cache"
+        lines = [f"{results['case']} on {results['device']}{kv}: the longest context each engine holds"]
         for backend, r in results["longest"].items():
             kind = floor_kind(backend)
             measured = (f"TTFT {r['ttft_s']} s (floor {r['floors'][f'{kind}_prefill_s']}), decode "
                         f"{r['decode_ms_per_token']} ms/token (floor {r['floors'][f'{kind}_decode_ms']:.2f})"
                         if "ttft_s" in r else r.get("skipped", ""))
-            lines.append(f"{backend:>5}: max_model_len {r['max_model_len']:,}, KV {r['kv_tokens']:,} tokens; {measured}")
+            at = f" at {r['context']:,} tokens" if r.get("context", 0) < r.get("held_context", 0) else ""
+            lines.append(f"{backend:>5}: max_model_len {r['max_model_len']:,}, KV {r['kv_tokens']:,} tokens; "
+                         f"{measured}{at}")
         return "\n".join(lines)
     lines = [f"{results['case']} on {results['device']}",
              f"{'context':>9} {'stock TTFT':>10} {'DUO TTFT':>9} {'x':>5} {'floor s/d':>12} "
@@ -385,7 +406,8 @@ def plot_longest(results: dict, png: Path) -> Path:
         for x, v in enumerate(values):
             ax.annotate(f"{v:,}", (x, v), ha="center", va="bottom", fontsize=7)
         ax.set_title(title, fontsize=8)
-    fig.suptitle(f"{results['case']} on {results['device']}: the longest context each engine holds "
+    kv = "" if results.get("kv_cache_dtype", "auto") == "auto" else f", {results['kv_cache_dtype']} KV cache"
+    fig.suptitle(f"{results['case']} on {results['device']}{kv}: the longest context each engine holds "
                  f"(contexts differ: stock {runs.get('stock', {}).get('context', 0):,}, "
                  f"DUO {runs.get('duo', {}).get('context', 0):,} tokens)", fontsize=9)
     fig.tight_layout()
@@ -407,7 +429,8 @@ def main() -> None:
     parser.add_argument("--longest", action="store_true",
                         help="the longest context each engine holds (auto-fit), and TTFT/decode there")
     parser.add_argument("--longest-budget-s", type=float, default=300.0,
-                        help="skip the --longest timing when its prefill is expected to take longer")
+                        help="--longest times TTFT/decode at the longest context whose prefill is expected "
+                             "within this many seconds (the whole context held when it is)")
     parser.add_argument("--bandwidth", type=float, help="HBM bytes/s for the floors (default: from the device name)")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s for the floors (default: from the device name)")
     parser.add_argument("--lengths", help="comma-separated batch-1 lengths instead of the case's (e.g. 131072)")
