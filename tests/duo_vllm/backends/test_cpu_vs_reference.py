@@ -3,7 +3,8 @@
 A 50% pattern with a small sink/window (16/64) on prompts of 1-4K tokens: vLLM's next-token
 log-probabilities at every prompt position match a Hugging Face run of the same model whose
 attention is ``duo_vllm.reference`` (fp32 both sides), and greedy generations agree for 32 tokens.
-Chunked prefill (128-token steps) and prefix-cache hits give the tokens of one-shot prefill.
+Chunked prefill (128-token steps) and prefix-cache hits give the tokens of one-shot prefill, for
+greedy and for seeded sampling.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from duo_vllm.pattern import load_pattern
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
-from tests.helpers.llm import greedy_tokens, offline_llm
+from tests.helpers.llm import greedy_tokens, offline_llm, seeded_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +24,7 @@ NEW_TOKENS = 32
 LENGTHS = (1024, 2500, 4000)
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4200, seed=0)
 LOGPROB_ATOL = 2e-2
+SEEDS = (11, 12, 11)  # per prompt; sampled at temperature 1
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ def one_shot(smollm2, duo_options, prompts):
         # Same prompts again: now served from the prefix cache.
         again = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                              SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+        seeded = seeded_tokens(llm, prompts, SEEDS, NEW_TOKENS)
         shared = prompts[2][:2048] + prompts[0][:300]  # hits the cached first 2048 tokens of prompt 2
         shared_out = llm.generate([TokensPrompt(prompt_token_ids=shared)],
                                   SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
@@ -115,7 +118,7 @@ def one_shot(smollm2, duo_options, prompts):
         except Exception as exc:  # noqa: BLE001 - the message is what the test checks
             reload_refusal = str(exc)
     return {
-        "reload_refusal": reload_refusal,
+        "reload_refusal": reload_refusal, "seeded": seeded,
         "logprobs": logprobs, "greedy": first,
         "again": [list(o.outputs[0].token_ids) for o in again],
         "again_cached": [o.num_cached_tokens for o in again],
@@ -128,7 +131,8 @@ def one_shot(smollm2, duo_options, prompts):
 def chunked(smollm2, duo_options, prompts, one_shot):
     with offline_llm(smollm2, attention_backend="DUO", additional_config=duo_options,
                      max_num_batched_tokens=128, enable_prefix_caching=False, **ENGINE) as llm:
-        return {"greedy": greedy_tokens(llm, prompts + [one_shot["shared_prompt"]], NEW_TOKENS)}
+        return {"greedy": greedy_tokens(llm, prompts + [one_shot["shared_prompt"]], NEW_TOKENS),
+                "seeded": seeded_tokens(llm, prompts, SEEDS, NEW_TOKENS)}
 
 
 @pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"{n}tok" for n in LENGTHS])
@@ -168,6 +172,13 @@ def test_reordered_engine_refuses_in_place_weight_reload(one_shot):
 
 def test_chunked_prefill_gives_same_tokens(one_shot, chunked):
     assert chunked["greedy"][:-1] == one_shot["greedy"]
+
+
+def test_seeded_sampling_survives_chunked_prefill(one_shot, chunked):
+    """Seeded requests split into 128-token prefill chunks (each chunk's sampled token discarded)
+    sample the tokens of one-shot prefill, and the engine lives (patches/cpu_seeded_sampling.py)."""
+    assert chunked["seeded"] == one_shot["seeded"]
+    assert one_shot["seeded"] != one_shot["greedy"], "temperature-1 sampling gave the greedy tokens"
 
 
 def test_quarter_retrieval_with_small_streaming_blocks(smollm2, pattern, prompts):
