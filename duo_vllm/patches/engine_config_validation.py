@@ -7,7 +7,8 @@ missing or malformed pattern, pattern for another model, or KV-cache dtype DUO c
 (``duo_vllm.kv_quant``) into one ``ValueError`` raised by ``LLM(...)`` / ``vllm serve`` itself, in a second instead of after
 process start-up.
 How: wrap ``EngineArgs.create_engine_config``; when the config selects DUO, build the DUO runtime
-once (it is cached by config hash, so the engine core's later lookup is the same one).
+once (it is cached by config hash, so the engine core's later lookup is the same one), and publish
+DUO's figures on this process's /metrics (``duo_vllm.metrics``: the API server's process).
 Remove when vLLM offers backends a hook to validate their configuration in the front-end.
 """
 
@@ -45,7 +46,22 @@ def _resolve_runtime(config) -> None:
     dtype_error = kv_cache_dtype_error(config.cache_config.cache_dtype, platform_name(), config.model_config.dtype)
     if dtype_error:
         raise ValueError(dtype_error)
-    checkpoint_order_reason(config, runtime_from_vllm_config(config))
+    runtime = runtime_from_vllm_config(config)
+    checkpoint_order_reason(config, runtime)
+    _publish_figures(config, runtime)
+
+
+def _publish_figures(config, runtime) -> None:
+    """DUO's figures on this front end's /metrics (``duo_vllm.metrics``)."""
+    from duo_vllm import metrics
+    from duo_vllm.kv_cache.report import kv_report
+
+    try:
+        report = kv_report(config, runtime=runtime) if config.cache_config.block_size else None
+    except Exception as exc:  # noqa: BLE001 - figures must not stop a server that can serve
+        metrics.logger.warning("DUO KV figures not computed for /metrics (%s: %s)", type(exc).__name__, exc)
+        report = None
+    metrics.publish(runtime, report)
 
 
 def apply() -> None:

@@ -74,8 +74,11 @@ def _serve_command(model: str, port: int, extra_args: tuple[str, ...]) -> list[s
 def _start(model: str, extra_args: tuple[str, ...], env: dict | None,
            cache_dir: str) -> ServerHandle:
     port = _free_port()
-    # os.environ wins over the defaults (as apply_vllm_env's setdefault does); `env` wins over both.
+    # os.environ wins over the defaults (as apply_vllm_env's setdefault does); `env` wins over both,
+    # and a None there removes the variable.
     full_env = {**vllm_env_defaults(cache_dir), **os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+    for key in [k for k, v in (env or {}).items() if v is None]:
+        full_env.pop(key, None)
     fd, log_name = tempfile.mkstemp(prefix=f"vllm-serve-{port}-", suffix=".log")
     cmd = _serve_command(model, port, extra_args)
     with os.fdopen(fd, "w") as log:

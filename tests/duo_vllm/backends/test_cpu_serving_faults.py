@@ -1,0 +1,184 @@
+"""A DUO server under faults and a small load: every bad request gets a 4xx (or a clean abort), the
+server keeps serving, nothing is lost, and the KV pool drains back to where it started.
+
+One server for the module (SmolLM2, fp32 so greedy outputs do not depend on the batch, a 96 MiB KV
+pool that holds about three max-length requests, so long ones queue and get preempted). The last
+test runs the project's load script (benchmarks/serve_load.py) against it at CI scale.
+
+A request that needs more than the whole pool at its peak cannot reach a DUO server: start-up
+refuses a pool that cannot hold one ``max_model_len`` request (tests/duo_vllm/kv_cache), so such a
+request is one longer than the model, the first case here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.server import vllm_server
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 2048
+POOL_BYTES = 96 * 2**20
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    duo = {"duo": {"sparsity": 0.5, "sink": 16, "recent": 64}}  # the shipped SmolLM2 pattern
+    with vllm_server(smollm2, "--attention-backend", "DUO", "--additional-config", json.dumps(duo),
+                     "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+                     "--kv-cache-memory-bytes", str(POOL_BYTES), "--max-num-seqs", "16",
+                     env={"VLLM_CPU_KVCACHE_SPACE": None}) as srv:  # the legacy variable would override the pool
+        yield srv
+        assert "Traceback" not in srv.log_text(), srv.log_tail()
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    return server.client().models.list().data[0].id
+
+
+def post(server, path: str, body: bytes, timeout: float = 120) -> tuple[int, str]:
+    request = urllib.request.Request(server.base_url + path, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def completion(server, **body) -> tuple[int, str]:
+    return post(server, "/completions", json.dumps(body).encode())
+
+
+def still_serves(server, model) -> None:
+    code, text = completion(server, model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert code == 200, text
+    assert json.loads(text)["choices"][0]["text"]
+
+
+def long_prompt(smollm2_tokenizer, n: int) -> list[int]:
+    from duo_vllm.testing.haystack import haystack_tokens
+
+    return haystack_tokens(smollm2_tokenizer, n)
+
+
+def test_prompt_longer_than_the_model(server, model, smollm2_tokenizer):
+    code, text = completion(server, model=model, prompt=long_prompt(smollm2_tokenizer, MAX_MODEL_LEN + 10), max_tokens=4)
+    assert code == 400, text
+    assert "maximum context length" in text or str(MAX_MODEL_LEN) in text, text
+    still_serves(server, model)
+
+
+def test_max_tokens_past_the_model_length(server, model, smollm2_tokenizer):
+    """vLLM 0.32 stops such a request at the model length (finish "length") instead of refusing it;
+    either is clean, running past ``max_model_len`` is not."""
+    code, text = completion(server, model=model, prompt=long_prompt(smollm2_tokenizer, MAX_MODEL_LEN - 100),
+                            max_tokens=500, ignore_eos=True)
+    if code == 200:
+        answer = json.loads(text)
+        assert answer["usage"]["total_tokens"] == MAX_MODEL_LEN, answer["usage"]
+        assert answer["choices"][0]["finish_reason"] == "length"
+    else:
+        assert code == 400, text
+    still_serves(server, model)
+
+
+@pytest.mark.parametrize("bad", [
+    {"logprobs": 1000},  # over vLLM's max_logprobs
+    {"logprobs": -1},
+    {"n": 0},
+    {"n": "two"},
+    {"stop": 12},
+    {"stop": [1, 2]},
+    {"temperature": -1},
+    {"max_tokens": -3},
+], ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+def test_invalid_sampling_values(server, model, bad):
+    code, text = completion(server, **{"model": model, "prompt": "Hello", "max_tokens": 4, **bad})
+    assert 400 <= code < 500, f"{bad}: {code} {text[:300]}"
+    still_serves(server, model)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "prompt": "\xff\xfe not utf-8", "max_tokens": 2}',
+    b'{"model": "m", "prompt": "trunc',
+    b'',
+    b'[1, 2, 3]',
+], ids=["non-utf8", "truncated", "empty", "not-an-object"])
+def test_malformed_bodies(server, model, body):
+    code, text = post(server, "/completions", body.replace(b'"m"', json.dumps(model).encode()))
+    assert 400 <= code < 500, f"{body!r}: {code} {text[:300]}"
+    still_serves(server, model)
+
+
+def test_unknown_model(server, model):
+    code, text = completion(server, model="no-such-model", prompt="Hello", max_tokens=2)
+    assert code == 404, text
+    still_serves(server, model)
+
+
+def test_connection_dropped_during_prefill(server, model, smollm2_tokenizer):
+    """The client sends a near-max-length prompt and hangs up at once: the request is aborted,
+    its blocks come back and the server keeps serving."""
+    body = json.dumps({"model": model, "prompt": long_prompt(smollm2_tokenizer, MAX_MODEL_LEN - 64),
+                       "max_tokens": 32}).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.3)  # the request reaches the engine before the hang-up
+    still_serves(server, model)
+    assert drained(server), "KV blocks still in use after the dropped requests"
+
+
+def drained(server, timeout: float = 60) -> bool:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import engine_figures
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        f = engine_figures(server.root_url)
+        if not f["vllm:num_requests_running"] and not f["vllm:num_requests_waiting"] and not f["vllm:kv_cache_usage_perc"]:
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_duo_figures_on_metrics(server):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import read_metrics
+
+    m = read_metrics(server.root_url)
+    assert m["duo:pattern_info"] == 1
+    assert 0.3 < m["duo:retrieval_ratio"] < 0.7  # sparsity 0.5
+    assert m["duo:stock_bytes_per_token"] == 2 * m["duo:retrieval_bytes_per_token"] == 30 * 3 * 64 * 2 * 4
+    assert m["duo:streaming_bytes_per_request"] > 0
+    assert 1.5 < m["duo:capacity_ratio"] <= 2.0
+
+
+def test_load_script_at_ci_scale(server, smollm2, tmp_path):
+    """benchmarks/serve_load.py: 8 clients, the whole mix (long prompts, streams, n=2, seeds,
+    multi-turn, disconnects, aborts, greedy probes): no 5xx, none lost, probes equal, pool drained."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--server", server.base_url,
+         "--server-pid", str(server.process.pid), "--tokenizer", smollm2, "--clients", "8", "--requests", "48",
+         "--duration", "240", "--max-model-len", str(MAX_MODEL_LEN), "--progress-every", "12", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads((tmp_path / "serve_load.json").read_text())
+    assert r["sent"] == 48 and r["completed"] + r["aborted"] + r["4xx"] == 48
+    assert r["5xx"] == r["lost"] == 0 and not r["probe_mismatches"]
+    assert r["kv_usage_end"] == r["kv_usage_start"] == 0
+    assert r["rss_mib_end"] is not None
