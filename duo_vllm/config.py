@@ -91,16 +91,21 @@ class DuoConfig:
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also an integer over 4300 digits, nesting too deep
                 raise PatternError(f'"duo" options are not valid JSON ({exc}); example: {_EXAMPLE}') from None
         if not isinstance(raw, dict):
             raise PatternError(f'"duo" options must be a JSON object, got {raw!r}; example: {_EXAMPLE}')
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - known, key=str)  # key: Python callers may pass keys of any type
         if unknown:
             raise PatternError(f"Unknown DUO option(s) {unknown}; valid options: {sorted(known)}.")
         return cls(**raw)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range, e.g. 10**400
+        return False

@@ -153,7 +153,7 @@ def _check_positive_int(value: Any, name: str) -> None:
 
 
 def _check_sparsity(value: Any, name: str = "sparsity") -> float:
-    if not _is_real(value) or not (0.0 <= float(value) <= 1.0):
+    if not _is_real(value) or not (0.0 <= value <= 1.0):  # no float(): 10**400 overflows
         raise PatternError(
             f"{name} must be a number in [0, 1] (the fraction of STREAMING heads, "
             f"e.g. 0.5), got {value!r}"
@@ -301,6 +301,11 @@ def _read_json(path: Path) -> Any:
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
             f"{exc.msg}); fix or regenerate the file"
         ) from None
+    except (ValueError, RecursionError) as exc:  # an integer over 4300 digits, or nesting too deep
+        raise PatternError(
+            f"{path} is not usable JSON (a number with too many digits or nesting too deep: "
+            f"{type(exc).__name__}); fix or regenerate the file"
+        ) from None
 
 
 def _parse_tsv(path: Path) -> np.ndarray:
@@ -438,7 +443,7 @@ def _load_ours(path: Path) -> HeadPattern:
             provenance=data.get("provenance") or {},
             source=str(path),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an integer beyond float range
         if isinstance(exc, PatternError):
             raise PatternError(f"{path}: {exc}") from None
         raise PatternError(f"{path}: invalid gates ({exc}); regenerate the file") from None
@@ -468,8 +473,15 @@ def load_pattern(path: str | os.PathLike[str]) -> HeadPattern:
         Original-format gates are clipped to [0, 1] like the reference loader;
         our format is returned exactly as saved.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
+    try:
+        p = Path(path).expanduser()
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except (OSError, RuntimeError, ValueError) as exc:  # a name too long, "~user" unknown, "~\0"
+        raise PatternError(
+            f"head pattern path {path!r} cannot be used ({getattr(exc, 'strerror', None) or exc}); "
+            f"pass the path of a pattern directory or file"
+        ) from None
+    if is_dir:
         ours = p / PATTERN_FILENAME
         tsv = p / ORIGINAL_GATES_FILENAME
         if ours.is_file():
@@ -483,7 +495,7 @@ def load_pattern(path: str | os.PathLike[str]) -> HeadPattern:
                 f"no head pattern in directory {p}: looked for {PATTERN_FILENAME} or "
                 f"{ORIGINAL_GATES_FILENAME} + {ORIGINAL_CONFIG_FILENAME}; {_HOW_TO_GET_PATTERN}"
             )
-    elif p.is_file():
+    elif is_file:
         if p.suffix.lower() == ".tsv":
             pattern = _load_original(p, p.parent / ORIGINAL_CONFIG_FILENAME)
         elif p.name == ORIGINAL_CONFIG_FILENAME and (p.parent / ORIGINAL_GATES_FILENAME).is_file():
