@@ -174,14 +174,19 @@ def engine_figures(root: str) -> dict:
     return pick
 
 
+def idle(figures: dict) -> bool:
+    """Nothing running or waiting, and every KV block back in the pool."""
+    return not (figures["vllm:num_requests_running"] or figures["vllm:num_requests_waiting"]
+                or figures["vllm:kv_cache_usage_perc"])
+
+
 async def wait_idle(root: str, timeout: float) -> dict:
     """Figures once nothing runs or waits (vLLM publishes its stats every few seconds)."""
     deadline = time.monotonic() + timeout
     figures = engine_figures(root)
     while time.monotonic() < deadline:
         figures = engine_figures(root)
-        if not figures["vllm:num_requests_running"] and not figures["vllm:num_requests_waiting"] \
-                and not figures["vllm:kv_cache_usage_perc"]:
+        if idle(figures):
             break
         await asyncio.sleep(1.0)
     return figures

@@ -145,12 +145,11 @@ def test_connection_dropped_during_prefill(server, model, smollm2_tokenizer):
 
 def drained(server, timeout: float = 60) -> bool:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import engine_figures
+    from serve_load import engine_figures, idle
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        f = engine_figures(server.root_url)
-        if not f["vllm:num_requests_running"] and not f["vllm:num_requests_waiting"] and not f["vllm:kv_cache_usage_perc"]:
+        if idle(engine_figures(server.root_url)):
             return True
         time.sleep(1)
     return False
