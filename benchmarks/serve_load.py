@@ -28,7 +28,8 @@ every few seconds.
     python benchmarks/serve_load.py --backend stock --duration 300 --out OUT   # stock vLLM, same load
     python benchmarks/serve_load.py --plot OUT/serve_load.json
 
-Exit status 1 when any request got a 5xx or was lost, a probe differed, or the pool did not drain.
+Exit status 1 when any request got a 5xx or was lost, a probe differed, the pool did not drain, or the
+server's resident memory grew more than --max-rss-growth (10%) from start to end.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -93,6 +93,11 @@ def start_server(model: str, args: argparse.Namespace, log_path: Path) -> tuple[
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # set, it would override --kv-cache-memory-bytes on CPU
+    if args.onednn_primitive_cache is not None:
+        # vLLM-CPU's GEMMs leave one JIT-compiled oneDNN primitive per distinct batch size in oneDNN's
+        # process-wide cache (1,024 by default, about 0.6 MiB each on SmolLM2); each layer's own
+        # 32-entry cache still keeps the hot sizes, so a small global cache keeps the worker flat.
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_primitive_cache)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
@@ -286,7 +291,7 @@ async def run_one(client, model: str, kind: str, spec: dict, work: Workload, ref
             finish = None
             async for chunk in stream:
                 finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-            return ("completed", "") if finish in ("stop", "length") else ("lost", f"stream ended without a finish reason")
+            return ("completed", "") if finish in ("stop", "length") else ("lost", "stream ended without a finish reason")
         extra = {"n": 2, "temperature": 0.9} if kind == "n2" else {"temperature": 1.0, "seed": spec["seed"]} \
             if kind == "seeded" else {"temperature": 0}
         r = await client.completions.create(**params, **extra)
@@ -396,7 +401,19 @@ def verdict(r: dict) -> list[str]:
     if r["kv_usage_end"] != r["kv_usage_start"] or r["running_end"] or r["waiting_end"]:
         bad.append(f"pool not drained: KV usage {r['kv_usage_start']} -> {r['kv_usage_end']}, "
                    f"{r['running_end']} running, {r['waiting_end']} waiting")
+    if limit := r.get("settings", {}).get("max_rss_growth"):
+        growth = rss_growth(r)
+        if growth is not None and growth > limit:
+            bad.append(f"server memory grew {growth:.1%} ({r['rss_mib_start']} -> {r['rss_mib_end']} MiB), "
+                       f"over --max-rss-growth {limit:.0%}")
     return bad
+
+
+def rss_growth(r: dict) -> float | None:
+    """End over start resident memory of the whole server, minus one; None when not measured."""
+    if not r.get("rss_mib_start") or not r.get("rss_mib_end"):
+        return None
+    return r["rss_mib_end"] / r["rss_mib_start"] - 1
 
 
 def summary(r: dict) -> str:
@@ -405,7 +422,8 @@ def summary(r: dict) -> str:
              f"greedy probes equal to the unloaded run: {not r['probe_mismatches'] and r['probes_equal_after_load']}; "
              f"preemptions {r['preemptions']}; KV usage start/end {r['kv_usage_start']}/{r['kv_usage_end']}",
              f"server RSS start/end/peak MiB: {r['rss_mib_start']}/{r['rss_mib_end']}/{r['rss_mib_peak']} "
-             f"(by process, start {r['rss_mib_by_process_start']}, end {r['rss_mib_by_process_end']})",
+             f"(growth {rss_growth(r) if rss_growth(r) is None else format(rss_growth(r), '.1%')}; by process, start "
+             f"{r['rss_mib_by_process_start']}, end {r['rss_mib_by_process_end']})",
              "DUO on /metrics: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r["duo_metrics"].items()))]
     for kind, outcomes in sorted(r["by_kind"].items()):
         lines.append(f"  {kind:>10}: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()))
@@ -467,10 +485,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress-every", type=int, default=50)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--onednn-primitive-cache", type=int, metavar="N",
+                   help="ONEDNN_PRIMITIVE_CACHE_CAPACITY of the server this script starts (CPU; default: oneDNN's "
+                        "1,024). Each distinct batch size leaves a compiled primitive there; 0 keeps memory flat")
+    p.add_argument("--max-rss-growth", type=float, default=0.10,
+                   help="fail when the server's resident memory ends more than this fraction above its start "
+                        "(0 disables the check)")
     p.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
     args = p.parse_args(argv)
     if args.clients < 1 or args.requests < 1 or args.duration <= 0:
         p.error("--clients, --requests and --duration must be positive")
+    if args.onednn_primitive_cache is not None and args.onednn_primitive_cache < 0:
+        p.error("--onednn-primitive-cache must be 0 or more")
+    if args.max_rss_growth < 0:
+        p.error("--max-rss-growth must be 0 (no check) or a positive fraction, e.g. 0.10")
     return args
 
 
@@ -503,7 +531,8 @@ def main(argv=None) -> int:
     result.update({"model": Path(model).name, "vllm": vllm.__version__, "server_exit_code": code,
                    "command": " ".join(["python", "benchmarks/serve_load.py", *(argv or sys.argv[1:])]),
                    "settings": {k: getattr(args, k) for k in ("clients", "requests", "duration", "max_model_len",
-                                                              "max_num_seqs", "kv_cache_memory_bytes", "dtype", "backend", "duo", "seed")}})
+                                                              "max_num_seqs", "kv_cache_memory_bytes", "dtype", "backend", "duo", "seed",
+                                                              "onednn_primitive_cache", "max_rss_growth")}})
     path = out / "serve_load.json"
     path.write_text(json.dumps(result, indent=2))
     try:
