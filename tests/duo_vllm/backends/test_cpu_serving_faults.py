@@ -38,7 +38,9 @@ def server(smollm2):
     with vllm_server(smollm2, "--attention-backend", "DUO", "--additional-config", json.dumps(duo),
                      "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
                      "--kv-cache-memory-bytes", str(POOL_BYTES), "--max-num-seqs", "16",
-                     env={"VLLM_CPU_KVCACHE_SPACE": None}) as srv:  # the legacy variable would override the pool
+                     # the legacy variable would override the pool; a bounded oneDNN primitive cache keeps the
+                     # worker's memory flat under varied batch sizes (README, "Serving")
+                     env={"VLLM_CPU_KVCACHE_SPACE": None, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}) as srv:
         yield srv
         assert "Traceback" not in srv.log_text(), srv.log_tail()
 
@@ -180,4 +182,34 @@ def test_load_script_at_ci_scale(server, smollm2, tmp_path):
     assert r["sent"] == 48 and r["completed"] + r["aborted"] + r["4xx"] == 48
     assert r["5xx"] == r["lost"] == 0 and not r["probe_mismatches"]
     assert r["kv_usage_end"] == r["kv_usage_start"] == 0
-    assert r["rss_mib_end"] is not None
+    assert r["rss_mib_end"] is not None and r["rss_mib_end"] <= 1.10 * r["rss_mib_start"]
+
+
+def test_load_verdict_fails_on_memory_growth():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import verdict
+
+    clean = {"5xx": 0, "lost": 0, "errors": [], "probe_mismatches": [], "probes_equal_after_load": True,
+             "kv_usage_start": 0.0, "kv_usage_end": 0.0, "running_end": 0, "waiting_end": 0,
+             "rss_mib_start": 1000.0, "rss_mib_end": 1090.0, "settings": {"max_rss_growth": 0.10}}
+    assert verdict(clean) == []
+    grown = {**clean, "rss_mib_end": 1150.0}
+    assert "server memory grew 15.0% (1000.0 -> 1150.0 MiB)" in verdict(grown)[0]
+    assert verdict({**grown, "settings": {"max_rss_growth": 0}}) == []  # 0: no check
+    assert verdict({**grown, "rss_mib_end": None}) == []  # not measured (a remote server without --server-pid)
+
+
+def test_eval_scores_the_running_server(server, smollm2, tmp_path, capsys):
+    """``python -m duo_vllm.eval --server``: the same tasks through the ``openai`` client, filed under
+    the name given; SmolLM2 with DUO finds a 1K-token needle at both ends of the context."""
+    from duo_vllm.eval.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["needle,vartrack", "--server", server.base_url, "--backends", "duo-served", "--model", smollm2,
+                 "--lengths", "1K", "--depths", "2", "--samples", "1", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["settings"]["server"] == server.base_url
+    assert [(x["backend"], x["task"], x["prompt_tokens"]) for x in r["records"]] == [
+        ("duo-served", "needle", 1024), ("duo-served", "needle", 1024), ("duo-served", "vartrack", 1024)]
+    assert r["scores"]["duo-served"]["needle"] >= 50
+    assert "duo-served" in capsys.readouterr().out
