@@ -228,7 +228,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from duo_vllm.pattern import HeadPattern, save_pattern
+    from duo_vllm.pattern import HeadPattern
+    from duo_vllm.pattern_io import save_pattern
     from duo_vllm.reference import use_duo_reference
     from duo_vllm.testing.haystack import haystack_tokens
     from duo_vllm.testing.models import smollm2_path
@@ -314,7 +315,7 @@ def main() -> None:
                              "same_tokens_after": list(again[0].outputs[0].token_ids) == decoded[0][0]})
     _close(llm)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
-    from duo_vllm.pattern import load_pattern
+    from duo_vllm.pattern_io import load_pattern
 
     def hf_logprobs(p):
         with torch.no_grad():

@@ -69,7 +69,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from duo_vllm.pattern import HeadPattern, save_pattern
+    from duo_vllm.pattern import HeadPattern
+    from duo_vllm.pattern_io import save_pattern
     from duo_vllm.testing.haystack import haystack_tokens
     from duo_vllm.testing.models import qwen_coder_path
 

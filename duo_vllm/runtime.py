@@ -14,15 +14,15 @@ from functools import cached_property
 import numpy as np
 
 from duo_vllm.config import DEFAULT_SPARSITY, DuoConfig
+from duo_vllm.fingerprint import model_fingerprint
 from duo_vllm.pattern import (
     HeadPattern,
     PatternError,
-    load_pattern,
-    model_fingerprint,
     retrieval_stats,
     shard_for_tensor_parallel,
     validate_for_model,
 )
+from duo_vllm.pattern_io import load_pattern
 from duo_vllm.shipped_patterns import find_shipped_pattern
 
 # Under "vllm." so that vLLM's own log handler (format, level, process prefix) shows it.

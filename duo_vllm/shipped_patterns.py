@@ -11,7 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from duo_vllm.pattern import PATTERN_FILENAME, HeadPattern, PatternError, load_pattern
+from duo_vllm.pattern import HeadPattern, PatternError
+from duo_vllm.pattern_io import PATTERN_FILENAME, load_pattern
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from duo_vllm.pattern import HeadPattern, binarize, model_fingerprint, retrieval_stats, save_pattern
+from duo_vllm.fingerprint import model_fingerprint
+from duo_vllm.pattern import HeadPattern, binarize, retrieval_stats
+from duo_vllm.pattern_io import save_pattern
 
 logger = logging.getLogger(__name__)
 

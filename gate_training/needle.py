@@ -76,7 +76,9 @@ def needle_check(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from duo_vllm.pattern import PatternError, load_pattern, model_fingerprint, validate_for_model
+    from duo_vllm.fingerprint import model_fingerprint
+    from duo_vllm.pattern import PatternError, validate_for_model
+    from duo_vllm.pattern_io import load_pattern
     from duo_vllm.reference import use_duo_reference
     from gate_training.data import PasskeySpec, make_sample
 

@@ -36,12 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from gate_training import distributed
+from gate_training import distributed, preflight
 from gate_training.config import GateTrainingError, TrainConfig
-from gate_training.data import PasskeySpec, build_passkey_dataset, describe_haystack, eval_samples, load_haystack
+from gate_training.data import (
+    PasskeySpec,
+    build_passkey_dataset,
+    describe_haystack,
+    eval_samples,
+    load_haystack,
+)
 from gate_training.export import export_pattern, gate_stats, unsettled_warning
 from gate_training.gated_attention import GateState, install_gates
-from gate_training import preflight
 
 logger = logging.getLogger(__name__)
 
@@ -673,7 +678,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = N
 
 
 def _fingerprint(config) -> str:
-    from duo_vllm.pattern import model_fingerprint
+    from duo_vllm.fingerprint import model_fingerprint
 
     return model_fingerprint(config)
 

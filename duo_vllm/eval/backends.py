@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from duo_vllm.config import DuoConfig
-from duo_vllm.pattern import HeadPattern, save_pattern
+from duo_vllm.pattern import HeadPattern
+from duo_vllm.pattern_io import save_pattern
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from duo_vllm.pattern import HeadPattern, model_fingerprint, save_pattern
+from duo_vllm.fingerprint import model_fingerprint
+from duo_vllm.pattern import HeadPattern
+from duo_vllm.pattern_io import save_pattern
 
 
 def random_pattern_dir(folder: Path, *, num_layers: int, num_kv_heads: int, seed: int = 0,

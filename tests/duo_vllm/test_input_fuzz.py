@@ -1,4 +1,4 @@
-"""Fuzzing the two readers of user input: head-pattern files (``duo_vllm.pattern.load_pattern``)
+"""Fuzzing the two readers of user input: head-pattern files (``duo_vllm.pattern_io.load_pattern``)
 and DUO options (``duo_vllm.config.DuoConfig.from_additional_config``).
 
 Both modules document one error type, ``PatternError`` (a ``ValueError``), raised "with a single
@@ -27,14 +27,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from duo_vllm.config import DuoConfig
-from duo_vllm.pattern import (
+from duo_vllm.pattern import HeadPattern, PatternError
+from duo_vllm.pattern_io import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ORIGINAL_CONFIG_FILENAME,
     ORIGINAL_GATES_FILENAME,
     PATTERN_FILENAME,
-    HeadPattern,
-    PatternError,
     load_pattern,
 )
 

@@ -11,7 +11,9 @@ import torch
 
 from duo_vllm.backends.head_plan import layer_index_from_name, plan_for_layer
 from duo_vllm.config import DuoConfig
-from duo_vllm.pattern import HeadPattern, PatternError, model_fingerprint, save_pattern
+from duo_vllm.fingerprint import model_fingerprint
+from duo_vllm.pattern import HeadPattern, PatternError
+from duo_vllm.pattern_io import save_pattern
 from duo_vllm.runtime import DuoRuntime, build_runtime
 from duo_vllm.shipped_patterns import find_shipped_pattern
 

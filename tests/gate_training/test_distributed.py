@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from duo_vllm.pattern import load_pattern, model_fingerprint
+from duo_vllm.fingerprint import model_fingerprint
+from duo_vllm.pattern_io import load_pattern
 from gate_training import distributed
 from gate_training.__main__ import main
 from gate_training.config import GateTrainingError, TrainConfig

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from duo_vllm.pattern import load_pattern, model_fingerprint
+from duo_vllm.fingerprint import model_fingerprint
+from duo_vllm.pattern_io import load_pattern
 from gate_training.config import GateTrainingError, TrainConfig
 from gate_training.trainer import GateTrainer, lr_at
 

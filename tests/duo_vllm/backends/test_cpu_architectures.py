@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from duo_vllm.pattern import load_pattern
+from duo_vllm.pattern_io import load_pattern
 from tests.duo_vllm.backends.test_cpu_vs_reference import duo_prompt_logprobs
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
 from tests.helpers.llm import hf_prompt_logprobs, offline_llm

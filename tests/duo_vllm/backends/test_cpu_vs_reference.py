@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from duo_vllm.pattern import load_pattern
+from duo_vllm.pattern_io import load_pattern
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
 from tests.helpers.llm import greedy_tokens, offline_llm, seeded_tokens
 

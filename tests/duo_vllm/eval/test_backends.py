@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from duo_vllm.eval.backends import base_runtime, resolve
-from duo_vllm.pattern import load_pattern
+from duo_vllm.pattern_io import load_pattern
 
 
 def test_inverse_random_streaming_at_duos_budget(smollm2, tmp_path):
