@@ -1,6 +1,7 @@
 """Write trained gates as a duo-vllm pattern file, with the record of how they were made.
 
-The plugin and the trainer share nothing but the pattern format (``duo_vllm.pattern``): the
+The plugin and the trainer share the pattern format (``duo_vllm.pattern_io``), the model
+fingerprint (``duo_vllm.fingerprint``) and the haystack text (``duo_vllm.testing.haystack``): the
 pattern carries the gates, the sink/recent sizes they were trained with, the model's name and
 config fingerprint (so the plugin refuses it for another model) and a provenance record (data,
 schedule, seed, losses, wall time, device) so that a shipped file explains itself.
@@ -9,6 +10,7 @@ schedule, seed, losses, wall time, device) so that a shipped file explains itsel
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from duo_vllm.pattern_io import save_pattern
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cut_stats", "export_pattern", "gate_stats", "unsettled_warning"]
+__all__ = ["cut_stats", "export_pattern", "gate_stats", "training_provenance", "unsettled_warning"]
 
 
 def gate_stats(gates: np.ndarray, sparsity: float | None = None) -> dict[str, Any]:
@@ -125,3 +127,89 @@ def export_pattern(
     path = save_pattern(pattern, out_dir, overwrite=overwrite)
     logger.info("Wrote %s (%s)", path, pattern.describe())
     return path
+
+
+def training_provenance(trainer, evaluation: dict[str, Any] | None, gates: np.ndarray) -> dict[str, Any]:
+    """The record a pattern keeps of its run (model, data, schedule, losses, wall time, device,
+    versions), read from a :class:`gate_training.trainer.GateTrainer`."""
+    from gate_training import distributed, preflight
+    from gate_training.data import describe_haystack
+
+    cfg, dist = trainer.cfg, trainer.dist
+    tail = trainer.history[-10:]
+    return {
+        "trainer": "gate_training (duo-vllm)",
+        "model_path": str(Path(cfg.model).expanduser().resolve()),
+        "model": preflight.describe_model(trainer.hf_config),
+        "data": {
+            "task": "multi-passkey retrieval in "
+                    + ("Canterbury-corpus prose" if cfg.haystack is None else "the user's haystack text"),
+            "haystack": describe_haystack(cfg.haystack, trainer.tokenizer),
+            "num_passkeys": cfg.num_passkeys,
+            "passkey_length_words": cfg.passkey_length,
+            "min_context": cfg.min_context,
+            "max_context": trainer.max_context,
+            "num_lengths": cfg.num_lengths,
+            "samples": cfg.steps * trainer.batch_size,
+        },
+        "training": {
+            "steps": trainer.step,
+            "warmup": cfg.warmup,
+            "lr": cfg.lr,
+            "lr_min": cfg.lr_min,
+            "weight_decay": cfg.weight_decay,
+            "reg_weight": cfg.reg_weight,
+            "seed": cfg.seed,
+            "dtype": str(trainer.dtype).replace("torch.", ""),
+            "gates_dtype": "float32",
+            "streaming_impl": trainer.streaming_impl,
+            "batch_size": trainer.batch_size,
+            **({"distributed": distributed.describe(dist)} if dist.enabled else {}),
+        },
+        "final_losses": {
+            "last10_mean_loss": _mean(r["loss"] for r in tail),
+            "last10_mean_distill": _mean(r["distill"] for r in tail),
+            "last10_mean_reg": _mean(r["reg"] for r in tail),
+        },
+        "heldout_eval": evaluation,
+        "gate_stats": gate_stats(gates, cfg.sparsity),
+        "wall_time_s": round(trainer.elapsed, 1),
+        "seconds_per_step": round(trainer.elapsed / max(trainer.step, 1), 3),
+        "device": device_name(trainer.device) + (f" x {dist.world_size} processes" if dist.enabled else ""),
+        "versions": versions(),
+    }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(float(np.mean(values)), 6) if values else None
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import datasets
+
+        out["datasets"] = datasets.__version__
+    except ImportError:
+        pass
+    return out

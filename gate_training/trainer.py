@@ -13,11 +13,10 @@ Learning rate: linear warm-up from ``lr_min`` to ``lr`` over the first ``warmup`
 constant, then linear decay back to ``lr_min`` over the last ``warmup`` steps (paper: 0.002 ->
 0.02 -> 0.002 with 400 of 2000 steps).
 
-Checkpoints (gates, optimizer, step, RNG states, loss history, elapsed time) are written every
-``save_every`` steps into ``<work>/checkpoints``; ``resume`` continues from the latest one and
-gives the same gates as an uninterrupted run (data is a pure function of the seed and step).
-Checkpoints hold whole (unsharded) tensors, so a run may be resumed with another number of
-processes as long as ``batch_size`` stays the same.
+Checkpoints (:mod:`gate_training.checkpoint`) are written every ``save_every`` steps into
+``<work>/checkpoints``; ``resume`` continues from the latest one and gives the same gates as an
+uninterrupted run (data is a pure function of the seed and step). The pattern's provenance record
+is :func:`gate_training.export.training_provenance`.
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ import contextlib
 import functools
 import json
 import logging
-import platform
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gate_training import distributed, preflight
+from gate_training import checkpoint, distributed, preflight
 from gate_training.config import GateTrainingError, TrainConfig
 from gate_training.data import (
     PasskeySpec,
@@ -45,13 +42,10 @@ from gate_training.data import (
     eval_samples,
     load_haystack,
 )
-from gate_training.export import export_pattern, gate_stats, unsettled_warning
+from gate_training.export import export_pattern, gate_stats, training_provenance, unsettled_warning
 from gate_training.gated_attention import GateState, install_gates
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-_CKPT_GLOB = "step_*.pt"
 
 __all__ = ["lr_at", "GatedModel", "GateTrainer", "TrainResult", "train"]
 
@@ -484,117 +478,50 @@ class GateTrainer:
             return str(self.device)
         return f"{self.dist.world_size} processes ({self.device.type}, FSDP2)"
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py)
 
     def _find_checkpoint(self) -> Path | None:
-        found = sorted(self.cfg.checkpoint_dir.glob(_CKPT_GLOB))
-        return found[-1] if found else None
+        return checkpoint.latest(self.cfg.checkpoint_dir)
 
     def _clear_checkpoints(self) -> None:
-        for path in self.cfg.checkpoint_dir.glob(_CKPT_GLOB):
-            path.unlink()
+        checkpoint.clear(self.cfg.checkpoint_dir)
 
     def save_checkpoint(self) -> Path:
         """Write ``step_NNNNNN.pt`` atomically; returns its path.
 
         In a multi-process run every rank must call it (the shards are gathered), rank 0 writes.
         """
-        folder = self.cfg.checkpoint_dir
-        path = folder / f"step_{self.step:06d}.pt"
+        path = checkpoint.path_for(self.cfg.checkpoint_dir, self.step)
         gates = self._full_gates().cpu().clone()
-        optimizer = self._optimizer_state()
+        optimizer = checkpoint.gathered_optimizer_state(self.optimizer, self.dist)
         if not self.dist.is_main:
             return path
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "gates": gates,
-            "optimizer": optimizer,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-            "resolved": self.resolved(),
-            "model_fingerprint": _fingerprint(self.hf_config),
-            "history": self.history,
-            "elapsed_s": self.elapsed,
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        checkpoint.write(path, {
+            "step": self.step, "gates": gates, "optimizer": optimizer, "rng": checkpoint.rng_states(),
+            "resolved": self.resolved(), "model_fingerprint": _fingerprint(self.hf_config),
+            "history": self.history, "elapsed_s": self.elapsed,
+        })
         self._info("Checkpoint %s", path)
         return path
-
-    def _optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state dict with whole tensors (gathered from the shards if sharded)."""
-        state = self.optimizer.state_dict()
-        if not self.dist.enabled:
-            return state
-        return {
-            "state": {
-                key: {name: distributed.full_tensor(value).cpu() if torch.is_tensor(value) else value
-                      for name, value in per_param.items()}
-                for key, per_param in state["state"].items()
-            },
-            "param_groups": state["param_groups"],
-        }
 
     def _load_checkpoint(self, path: Path) -> None:
         self._apply_checkpoint(path, self._load_payload(path))
 
     def _load_payload(self, path: Path) -> dict[str, Any]:
-        """Read ``path`` and check that it belongs to this run (settings, model)."""
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file must give one clear message
-            raise GateTrainingError(f"cannot read checkpoint {path} ({exc}); delete it or use --overwrite") from None
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise GateTrainingError(f"{path} has checkpoint format {payload.get('format')!r}; use --overwrite")
-        saved, now = dict(payload["resolved"]), self.resolved()
-        saved.setdefault("batch_size", 1)  # checkpoints from before batch_size existed
-        if self.cfg.haystack is None:  # ... or before --haystack (they used the Canterbury corpus)
-            saved.setdefault("haystack", now["haystack"])
-        diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            hint = ""
-            if "batch_size" in diff:
-                hint = (f" (--batch-size defaults to the number of processes: pass --batch-size "
-                        f"{diff['batch_size'][0]} to resume with {self.dist.world_size})")
-            raise GateTrainingError(
-                f"cannot resume from {path}: the run was started with other settings ({detail}); "
-                f"pass the same options{hint}, or --overwrite to start over"
-            )
-        if payload["model_fingerprint"] != _fingerprint(self.hf_config):
-            raise GateTrainingError(f"{path} was trained on another model; use --overwrite or another --out")
-        return payload
+        now = self.resolved()
+        return checkpoint.read(path, resolved=now, fingerprint=_fingerprint(self.hf_config),
+                               haystack_default=now["haystack"] if self.cfg.haystack is None else None,
+                               world_size=self.dist.world_size)
 
     def _apply_checkpoint(self, path: Path, payload: dict[str, Any]) -> None:
         param = self._param
         with torch.no_grad():
             param.copy_(distributed.like_param(payload["gates"], param))
-        optimizer = payload["optimizer"]
-        if self.dist.enabled:  # whole tensors -> this rank's shards (every rank read the same file)
-            optimizer = {
-                "state": {
-                    key: {name: distributed.like_param(value, param)
-                          if torch.is_tensor(value) and value.shape == param.shape else value
-                          for name, value in per_param.items()}
-                    for key, per_param in optimizer["state"].items()
-                },
-                "param_groups": optimizer["param_groups"],
-            }
+        optimizer = checkpoint.sharded_optimizer_state(payload["optimizer"], param, self.dist)
+        if self.dist.enabled:
             self.gated.reshard()  # drop any gathered copy of the old gates
         self.optimizer.load_state_dict(optimizer)
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        checkpoint.restore_rng_states(payload["rng"])
         self.step = int(payload["step"])
         self.history = list(payload["history"])
         self.elapsed = float(payload["elapsed_s"])
@@ -610,49 +537,7 @@ class GateTrainer:
         """
         cfg = self.cfg
         gates = self._gates() if gates is None else gates
-        tail = self.history[-10:]
-        provenance = {
-            "trainer": "gate_training (duo-vllm)",
-            "model_path": str(Path(cfg.model).expanduser().resolve()),
-            "model": preflight.describe_model(self.hf_config),
-            "data": {
-                "task": "multi-passkey retrieval in "
-                        + ("Canterbury-corpus prose" if cfg.haystack is None else "the user's haystack text"),
-                "haystack": describe_haystack(cfg.haystack, self.tokenizer),
-                "num_passkeys": cfg.num_passkeys,
-                "passkey_length_words": cfg.passkey_length,
-                "min_context": cfg.min_context,
-                "max_context": self.max_context,
-                "num_lengths": cfg.num_lengths,
-                "samples": cfg.steps * self.batch_size,
-            },
-            "training": {
-                "steps": self.step,
-                "warmup": cfg.warmup,
-                "lr": cfg.lr,
-                "lr_min": cfg.lr_min,
-                "weight_decay": cfg.weight_decay,
-                "reg_weight": cfg.reg_weight,
-                "seed": cfg.seed,
-                "dtype": str(self.dtype).replace("torch.", ""),
-                "gates_dtype": "float32",
-                "streaming_impl": self.streaming_impl,
-                "batch_size": self.batch_size,
-                **({"distributed": distributed.describe(self.dist)} if self.dist.enabled else {}),
-            },
-            "final_losses": {
-                "last10_mean_loss": _mean(r["loss"] for r in tail),
-                "last10_mean_distill": _mean(r["distill"] for r in tail),
-                "last10_mean_reg": _mean(r["reg"] for r in tail),
-            },
-            "heldout_eval": evaluation,
-            "gate_stats": gate_stats(gates, cfg.sparsity),
-            "wall_time_s": round(self.elapsed, 1),
-            "seconds_per_step": round(self.elapsed / max(self.step, 1), 3),
-            "device": _device_name(self.device) + (
-                f" x {self.dist.world_size} processes" if self.dist.enabled else ""),
-            "versions": _versions(),
-        }
+        provenance = training_provenance(self, evaluation, gates)
         cfg.work_path.mkdir(parents=True, exist_ok=True)
         (cfg.work_path / "history.json").write_text(json.dumps(self.history, indent=1))
         return export_pattern(
@@ -694,35 +579,3 @@ def _batch_mean(values) -> float:
     """Mean of a step's per-sample values (the value itself for batch 1)."""
     values = list(values)
     return values[0] if len(values) == 1 else float(np.mean(values))
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return round(float(np.mean(values)), 6) if values else None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import datasets
-
-        out["datasets"] = datasets.__version__
-    except ImportError:
-        pass
-    return out
