@@ -25,7 +25,7 @@ def register() -> None:
     try:
         from duo_vllm.vllm_support import install
 
-        install(_register_backend, _apply_patches)
+        install(_register_backend, _apply_patches, _stand_in)
     except Exception as exc:  # noqa: BLE001 - the last guard between DUO and every vLLM process
         import logging
 
@@ -40,6 +40,12 @@ def _register_backend(class_path: str) -> None:
         register_backend(AttentionBackendEnum[BACKEND_NAME], class_path)
     else:
         register_backend(BACKEND_NAME, class_path)
+
+
+def _stand_in() -> None:
+    from duo_vllm.unavailable import stand_in
+
+    stand_in(_register_backend)
 
 
 def _apply_patches() -> None:

@@ -107,10 +107,9 @@ def reorder_model_heads(model: nn.Module) -> int:
     """Put the retrieval heads first in every DUO attention layer of ``model`` whose heads can be
     reordered, and tell the layer so; returns how many layers this call reordered. Idempotent: a
     layer already reordered is left alone."""
-    from duo_vllm.backends.common import DuoImplMixin
-    from duo_vllm.backends.head_plan import plan_for_layer
+    from duo_vllm.backends.head_plan import is_duo_layer, plan_for_layer
 
-    layers = [m for m in model.modules() if isinstance(getattr(m, "impl", None), DuoImplMixin)]
+    layers = [m for m in model.modules() if is_duo_layer(m)]
     if not layers:
         return 0
     reason = layers[0].impl.checkpoint_order_reason

@@ -248,9 +248,5 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         elif parallel.use_ubatching:
             logger.warning("DUO option overlap_streaming is off under micro-batching (--enable-dbo or "
                            "--ubatch-size): the streaming heads run after the retrieval heads.")
-    if vllm_config.cache_config.block_size:
-        from duo_vllm.kv_cache.report import kv_report
-
-        logger.info(kv_report(vllm_config, runtime=runtime).line())
     _RUNTIMES[key] = runtime
     return runtime

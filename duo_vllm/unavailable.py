@@ -26,6 +26,13 @@ def refusal() -> DuoUnavailableError:
     return DuoUnavailableError(f"--attention-backend DUO is not available: {_reason()}")
 
 
+def stand_in(register_backend) -> None:
+    """Where DUO stood aside: the name DUO resolves to the refusing backend, and a config that
+    selects it is refused in the front end."""
+    register_backend(UNAVAILABLE_CLASS_PATH)
+    refuse_in_front_end()
+
+
 def refuse_in_front_end() -> None:
     """Make ``EngineArgs.create_engine_config`` refuse a config that selects DUO."""
     from duo_vllm.patches.engine_config_validation import when_duo_is_selected

@@ -95,12 +95,14 @@ def unsupported_reason(version: str, platform: str) -> str | None:
     return None
 
 
-def install(register_backend, apply_patches) -> str | None:
+def install(register_backend, apply_patches, stand_in) -> str | None:
     """Register DUO and apply every patch, or stand aside. Never raises.
 
     ``register_backend(class_path)`` makes ``--attention-backend DUO`` resolve to ``class_path``;
     ``apply_patches()`` applies every patch of vLLM (all or none: on any failure the ones already
-    applied are undone here). Returns None when DUO is served, else the reason it stood aside.
+    applied are undone here); ``stand_in()``, where DUO stands aside, keeps the name DUO known so
+    that asking for it gives the reason (``duo_vllm.unavailable``). Returns None when DUO is
+    served, else the reason it stood aside.
     """
     if "reason" in _state:
         return _state["reason"]
@@ -119,7 +121,7 @@ def install(register_backend, apply_patches) -> str | None:
         _undo()
     _state["reason"] = reason
     if reason is not None:
-        _stand_aside(reason, register_backend)
+        _stand_aside(reason, stand_in)
     return reason
 
 
@@ -128,7 +130,7 @@ def stood_aside_reason() -> str | None:
     return _state.get("reason")
 
 
-def _stand_aside(reason: str, register_backend) -> None:
+def _stand_aside(reason: str, stand_in) -> None:
     if os.environ.get(_WARNED_ENV):
         logger.debug("DUO attention backend not available: %s", reason)
     else:
@@ -136,11 +138,8 @@ def _stand_aside(reason: str, register_backend) -> None:
         os.environ[_WARNED_ENV] = "1"
     try:
         # The name stays known, so that asking for it gives this reason instead of vLLM's
-        # "Unknown attention backend"; the refusal itself lives in duo_vllm.unavailable.
-        from duo_vllm.unavailable import UNAVAILABLE_CLASS_PATH, refuse_in_front_end
-
-        register_backend(UNAVAILABLE_CLASS_PATH)
-        refuse_in_front_end()
+        # "Unknown attention backend".
+        stand_in()
     except Exception as exc:  # noqa: BLE001 - vLLM's own "Unknown attention backend" remains
         logger.debug("DUO could not register its refusal: %s", exc)
 

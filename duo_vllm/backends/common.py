@@ -133,6 +133,8 @@ class DuoImplMixin:
     the companion layer named ``layer.duo_streaming_layer_name`` (``duo_vllm.kv_cache``).
     """
 
+    is_duo_impl: ClassVar[bool] = True  # head_plan.DUO_IMPL_MARKER
+
     # Whether the platform kernel takes query / output head slices with the whole layer's row
     # stride (then reordered layers need no copies around it); else contiguous copies.
     kernel_takes_head_slices: ClassVar[bool] = False

@@ -8,6 +8,15 @@ import torch
 
 from duo_vllm.pattern import PatternError
 
+# Set on every DUO attention implementation: how model- and cache-level code recognises a DUO layer
+# without importing the backends (which import it).
+DUO_IMPL_MARKER = "is_duo_impl"
+
+
+def is_duo_layer(layer) -> bool:
+    """Whether ``layer`` (a vLLM ``Attention`` module) runs a DUO implementation."""
+    return bool(getattr(getattr(layer, "impl", None), DUO_IMPL_MARKER, False))
+
 
 @dataclass(frozen=True)
 class HeadPlan:

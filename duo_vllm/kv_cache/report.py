@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from vllm.utils.math_utils import cdiv
 
 from duo_vllm.kv_cache.spec import DuoStreamingSpec, streaming_block_size
+from duo_vllm.runtime import runtime_from_vllm_config
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ class KVReport:
 
 def kv_report(vllm_config, context_len: int | None = None, runtime=None,
               block_size: int | None = None) -> KVReport:
-    from duo_vllm.runtime import runtime_from_vllm_config
-
     runtime = runtime or runtime_from_vllm_config(vllm_config)
     model_config = vllm_config.model_config
     context_len = context_len or model_config.max_model_len

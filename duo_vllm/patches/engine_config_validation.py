@@ -7,8 +7,9 @@ missing or malformed pattern, pattern for another model, or KV-cache dtype DUO c
 (``duo_vllm.kv_quant``) into one ``ValueError`` raised by ``LLM(...)`` / ``vllm serve`` itself, in a second instead of after
 process start-up.
 How: wrap ``EngineArgs.create_engine_config``; when the config selects DUO, build the DUO runtime
-once (it is cached by config hash, so the engine core's later lookup is the same one), and publish
-DUO's figures on this process's /metrics (``duo_vllm.metrics``: the API server's process).
+once (it is cached by config hash, so the engine core's later lookup is the same one), log its KV
+layout, and publish DUO's figures on this process's /metrics (``duo_vllm.metrics``: the API
+server's process).
 Remove when vLLM offers backends a hook to validate their configuration in the front-end.
 """
 
@@ -48,20 +49,26 @@ def _resolve_runtime(config) -> None:
         raise ValueError(dtype_error)
     runtime = runtime_from_vllm_config(config)
     checkpoint_order_reason(config, runtime)
-    _publish_figures(config, runtime)
-
-
-def _publish_figures(config, runtime) -> None:
-    """DUO's figures on this front end's /metrics (``duo_vllm.metrics``)."""
     from duo_vllm import metrics
-    from duo_vllm.kv_cache.report import kv_report
 
+    metrics.publish(runtime, _logged_kv_report(config, runtime))
+
+
+def _logged_kv_report(config, runtime):
+    """The KV layout line of the start-up log (computed once, here, and also what /metrics shows);
+    None where it cannot be computed, which must not stop a server that can serve."""
+    from duo_vllm.kv_cache.report import kv_report
+    from duo_vllm.runtime import logger
+
+    if not config.cache_config.block_size:
+        return None
     try:
-        report = kv_report(config, runtime=runtime) if config.cache_config.block_size else None
-    except Exception as exc:  # noqa: BLE001 - figures must not stop a server that can serve
-        metrics.logger.warning("DUO KV figures not computed for /metrics (%s: %s)", type(exc).__name__, exc)
-        report = None
-    metrics.publish(runtime, report)
+        report = kv_report(config, runtime=runtime)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("DUO KV figures not computed (%s: %s)", type(exc).__name__, exc)
+        return None
+    logger.info(report.line())
+    return report
 
 
 def apply() -> None:

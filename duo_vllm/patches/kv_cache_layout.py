@@ -41,20 +41,16 @@ def register_duo_specs(vllm_config=None) -> None:
                                  uniform_type_base_spec=DuoStreamingSpec)
 
 
-def _is_duo(layer) -> bool:
-    from duo_vllm.backends.common import DuoImplMixin
-
-    return isinstance(getattr(layer, "impl", None), DuoImplMixin)
-
-
 def _wrap_attention() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
+
+    from duo_vllm.backends.head_plan import is_duo_layer
 
     def wrap_init(original_init):
         def __init__(self, *args, **kwargs):
             original_init(self, *args, **kwargs)
             self.duo_streaming_layer_name = None
-            if not _is_duo(self):
+            if not is_duo_layer(self):
                 return
             scheme = getattr(getattr(self, "quant_config", None), "kv_cache_scheme", None) or {}
             if scheme.get("strategy") == "attn_head":
@@ -83,7 +79,7 @@ def _wrap_attention() -> None:
     def wrap_spec(original_spec):
         def get_kv_cache_spec(self, vllm_config):
             spec = original_spec(self, vllm_config)
-            if spec is None or not _is_duo(self):
+            if spec is None or not is_duo_layer(self):
                 return spec
             from duo_vllm.kv_cache.layers import layer_spec
 
