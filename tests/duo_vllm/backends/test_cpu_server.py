@@ -27,6 +27,8 @@ def test_serve_duo_completions_chat_and_streaming(smollm2, smollm2_tokenizer, tm
                      env={"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}) as srv:
         log = srv.log_text()
         assert "DUO attention: pattern" in log and "sink 16, recent 64" in log, log[-3000:]
+        # the KV layout is logged once, by the front end (which also puts it on /metrics)
+        assert log.count("DUO KV cache: retrieval heads") == 1, log[-3000:]
         client = srv.client()
         model = client.models.list().data[0].id
 
