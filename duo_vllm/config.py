@@ -11,13 +11,18 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from duo_vllm.pattern import PatternError
 
 DEFAULT_SINK = 64
 DEFAULT_RECENT = 256
 DEFAULT_SPARSITY = 0.5
 
 _EXAMPLE = '--additional-config \'{"duo": {"pattern": "patterns/SmolLM2-135M-Instruct", "sparsity": 0.5}}\''
+
+
+class DuoConfigError(ValueError):
+    """A DUO option (``--additional-config '{"duo": {...}}'``) that cannot be served as given, or a
+    combination of options and vLLM settings DUO does not serve. One line: what is wrong, how to fix
+    it. Pattern files and their values raise :class:`duo_vllm.pattern.PatternError` instead."""
 
 
 @dataclass(frozen=True)
@@ -55,28 +60,28 @@ class DuoConfig:
     def __post_init__(self) -> None:
         chosen = [n for n in ("sparsity", "retrieval_ratio", "threshold") if getattr(self, n) is not None]
         if len(chosen) > 1:
-            raise PatternError(f"DUO options {chosen} are exclusive: give only one of them.")
+            raise DuoConfigError(f"DUO options {chosen} are exclusive: give only one of them.")
         for name in ("sparsity", "retrieval_ratio"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not 0.0 <= float(value) <= 1.0):
-                raise PatternError(f'DUO option "{name}" must be a number in [0, 1], got {value!r}.')
+                raise DuoConfigError(f'DUO option "{name}" must be a number in [0, 1], got {value!r}.')
         if self.threshold is not None and not _is_number(self.threshold):
-            raise PatternError(f'DUO option "threshold" must be a finite number, got {self.threshold!r}.')
+            raise DuoConfigError(f'DUO option "threshold" must be a finite number, got {self.threshold!r}.')
         for name in ("sink", "recent"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise PatternError(
+                raise DuoConfigError(
                     f'DUO option "{name}" must be a positive integer number of tokens, got {value!r} '
                     f"(default: sink {DEFAULT_SINK}, recent {DEFAULT_RECENT}, the paper's deployment setting)."
                 )
         m = self.min_retrieval_per_layer
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise PatternError(f'DUO option "min_retrieval_per_layer" must be an integer >= 0, got {m!r}.')
+            raise DuoConfigError(f'DUO option "min_retrieval_per_layer" must be an integer >= 0, got {m!r}.')
         for name in ("reorder_heads", "overlap_streaming"):
             if not isinstance(getattr(self, name), bool):
-                raise PatternError(f'DUO option "{name}" must be true or false, got {getattr(self, name)!r}.')
+                raise DuoConfigError(f'DUO option "{name}" must be true or false, got {getattr(self, name)!r}.')
         if self.pattern is not None and not isinstance(self.pattern, str):
-            raise PatternError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
+            raise DuoConfigError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
 
     @property
     def effective_sparsity(self) -> float | None:
@@ -92,13 +97,13 @@ class DuoConfig:
             try:
                 raw = json.loads(raw)
             except (ValueError, RecursionError) as exc:  # also an integer over 4300 digits, nesting too deep
-                raise PatternError(f'"duo" options are not valid JSON ({exc}); example: {_EXAMPLE}') from None
+                raise DuoConfigError(f'"duo" options are not valid JSON ({exc}); example: {_EXAMPLE}') from None
         if not isinstance(raw, dict):
-            raise PatternError(f'"duo" options must be a JSON object, got {raw!r}; example: {_EXAMPLE}')
+            raise DuoConfigError(f'"duo" options must be a JSON object, got {raw!r}; example: {_EXAMPLE}')
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known, key=str)  # key: Python callers may pass keys of any type
         if unknown:
-            raise PatternError(f"Unknown DUO option(s) {unknown}; valid options: {sorted(known)}.")
+            raise DuoConfigError(f"Unknown DUO option(s) {unknown}; valid options: {sorted(known)}.")
         return cls(**raw)
 
 

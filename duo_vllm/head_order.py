@@ -33,12 +33,12 @@ def checkpoint_order_reason(vllm_config, runtime) -> str | None:
     Raises for weights post-processed by another process (``--load-format ipc_cache``, vLLM's
     weight-cache daemon): whether that process reordered them cannot be told from here.
     """
-    from duo_vllm.pattern import PatternError
+    from duo_vllm.config import DuoConfigError
 
     if not runtime.config.reorder_heads:
         return "reorder_heads is false"
     if str(getattr(vllm_config.load_config, "load_format", "")) == "ipc_cache":
-        raise PatternError(
+        raise DuoConfigError(
             "--load-format ipc_cache maps weights that another process (vllm preload) loaded and "
             "post-processed, and DUO cannot tell whether it reordered their attention heads. Start "
             "both the preload daemon and this engine with --additional-config "

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from duo_vllm.config import DEFAULT_SPARSITY, DuoConfig
+from duo_vllm.config import DEFAULT_SPARSITY, DuoConfig, DuoConfigError
 from duo_vllm.fingerprint import model_fingerprint
 from duo_vllm.pattern import (
     HeadPattern,
@@ -221,7 +221,7 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
     if parallel.pipeline_parallel_size > 1:
         # Not verified: vLLM 0.32's CPU build cannot run pipeline parallelism (stock attention
         # fails too), and no multi-GPU run has checked DUO's KV groups and memory plan per stage.
-        raise PatternError(
+        raise DuoConfigError(
             f"DUO does not support pipeline parallelism yet (--pipeline-parallel-size "
             f"{parallel.pipeline_parallel_size}): split the model with --tensor-parallel-size instead, "
             "or serve it without --attention-backend DUO."

@@ -321,10 +321,11 @@ def main(argv=None) -> int:
     from duo_vllm.eval.prompts import PromptError
     from duo_vllm.eval.runners import EvalSetupError
     from duo_vllm.eval.store import StoreError
+    from duo_vllm.config import DuoConfigError
     from duo_vllm.pattern import PatternError
 
     try:
         return run(args)
-    except (UsageError, EvalSetupError, PatternError, PromptError, StoreError) as exc:
+    except (UsageError, EvalSetupError, DuoConfigError, PatternError, PromptError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK, DuoConfig
-from duo_vllm.pattern import PatternError
+from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK, DuoConfig, DuoConfigError
 
 FIELDS = ["min_retrieval_per_layer", "overlap_streaming", "pattern", "recent", "reorder_heads", "retrieval_ratio",
           "sink", "sparsity", "threshold"]
@@ -96,7 +95,7 @@ def test_effective_sparsity(duo, expected):
 
 
 def test_unknown_key_lists_valid_options():
-    with pytest.raises(PatternError) as info:
+    with pytest.raises(DuoConfigError) as info:
         read({"sparsity": 0.5, "sinks": 4, "window": 9})
     message = str(info.value)
     assert "sinks" in message and "window" in message, message
@@ -109,20 +108,20 @@ def test_unknown_key_lists_valid_options():
 @pytest.mark.parametrize("value", [-0.1, 1.5, 1.0000001, "x", "0.5", True, False, float("nan"),
                                    float("inf"), [0.5]])
 def test_bad_fractions(name, value):
-    with pytest.raises(PatternError, match=name):
+    with pytest.raises(DuoConfigError, match=name):
         read({name: value})
 
 
 @pytest.mark.parametrize("name", ["reorder_heads", "overlap_streaming"])
 @pytest.mark.parametrize("value", [0, 1, "false", None, [True]])
 def test_bad_switches(name, value):
-    with pytest.raises(PatternError, match=f"{name}.*true or false"):
+    with pytest.raises(DuoConfigError, match=f"{name}.*true or false"):
         read({name: value})
 
 
 @pytest.mark.parametrize("value", [True, "0.5", float("nan"), float("inf"), -float("inf"), [1]])
 def test_bad_threshold(value):
-    with pytest.raises(PatternError, match="threshold"):
+    with pytest.raises(DuoConfigError, match="threshold"):
         read({"threshold": value})
 
 
@@ -136,7 +135,7 @@ def test_bad_threshold(value):
     ],
 )
 def test_exclusive_choices(duo):
-    with pytest.raises(PatternError, match="exclusive") as info:
+    with pytest.raises(DuoConfigError, match="exclusive") as info:
         read(duo)
     for key in duo:
         assert key in str(info.value)
@@ -145,35 +144,35 @@ def test_exclusive_choices(duo):
 @pytest.mark.parametrize("name", ["sink", "recent"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, 4.0, True, "4", None])
 def test_bad_token_counts(name, value):
-    with pytest.raises(PatternError, match=f'"{name}" must be a positive integer'):
+    with pytest.raises(DuoConfigError, match=f'"{name}" must be a positive integer'):
         read({name: value})
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "1", None])
 def test_bad_min_retrieval_per_layer(value):
-    with pytest.raises(PatternError, match="min_retrieval_per_layer"):
+    with pytest.raises(DuoConfigError, match="min_retrieval_per_layer"):
         read({"min_retrieval_per_layer": value})
 
 
 @pytest.mark.parametrize("value", [5, 0.5, ["patterns/x"], {"path": "x"}, b"patterns/x"])
 def test_pattern_must_be_a_string(value):
-    with pytest.raises(PatternError, match="pattern"):
+    with pytest.raises(DuoConfigError, match="pattern"):
         read({"pattern": value})
 
 
 @pytest.mark.parametrize("duo", [[1, 2], 5, 0.5, True, "[1, 2]", '"text"', "42"])
 def test_duo_value_must_be_an_object(duo):
-    with pytest.raises(PatternError, match="JSON object"):
+    with pytest.raises(DuoConfigError, match="JSON object"):
         read(duo)
 
 
 @pytest.mark.parametrize("duo", ["{sparsity: 0.5}", "{'sparsity': 0.5}", "", "{"])
 def test_duo_value_invalid_json(duo):
-    with pytest.raises(PatternError, match="not valid JSON"):
+    with pytest.raises(DuoConfigError, match="not valid JSON"):
         read(duo)
 
 
 def test_errors_are_value_errors():
-    """PatternError is a ValueError, so vLLM's argument handling reports it as bad input."""
+    """DuoConfigError is a ValueError, so vLLM's argument handling reports it as bad input."""
     with pytest.raises(ValueError):
         read({"sink": 0})

@@ -1,9 +1,9 @@
 """Fuzzing the two readers of user input: head-pattern files (``duo_vllm.pattern_io.load_pattern``)
 and DUO options (``duo_vllm.config.DuoConfig.from_additional_config``).
 
-Both modules document one error type, ``PatternError`` (a ``ValueError``), raised "with a single
-message that says what is wrong and how to fix it, so that it can be shown to the user verbatim at
-engine start-up". Whatever the input, only that error may escape, its message is one non-empty
+Each documents one error type (``PatternError`` for patterns, ``DuoConfigError`` for options; both
+``ValueError``), raised "with a single message that says what is wrong and how to fix it, so that it
+can be shown to the user verbatim at engine start-up". Whatever the input, only that error may escape, its message is one non-empty
 line, and what is accepted is usable: finite float32 gates of the declared shape, validated
 options.
 
@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from duo_vllm.config import DuoConfig
+from duo_vllm.config import DuoConfig, DuoConfigError
 from duo_vllm.pattern import HeadPattern, PatternError
 from duo_vllm.pattern_io import (
     FORMAT_NAME,
@@ -45,9 +45,9 @@ PATTERN_KEYS = ["format", "version", "num_layers", "num_kv_heads", "gates", "sin
                 "sparsity", "model_name", "model_fingerprint", "provenance"]
 
 
-def test_the_documented_error_is_a_value_error():
+def test_the_documented_errors_are_value_errors():
     """vLLM reports a ValueError from argument handling as bad input, not as a crash."""
-    assert issubclass(PatternError, ValueError)
+    assert issubclass(PatternError, ValueError) and issubclass(DuoConfigError, ValueError)
 
 
 def _assert_one_line(error: BaseException) -> str:
@@ -353,7 +353,7 @@ def _assert_valid_options(cfg: DuoConfig, raw: dict) -> None:
 def _parse_checked(additional_config) -> str:
     try:
         cfg = DuoConfig.from_additional_config(additional_config)
-    except PatternError as error:
+    except DuoConfigError as error:
         _assert_one_line(error)
         return "refused"
     duo = additional_config.get("duo", {}) if isinstance(additional_config, dict) else {}
@@ -419,7 +419,7 @@ def test_options_parser_fuzz(target):
 
 
 # Inputs the fuzz crashed the parser with (OverflowError, TypeError, RecursionError, a plain
-# ValueError) before duo_vllm.config turned them into PatternError.
+# ValueError) before duo_vllm.config turned them into one-line errors.
 OPTION_CRASHES = {
     "sparsity_beyond_float": ({"sparsity": 10**400}, ('"sparsity" must be a number in [0, 1], got 1000',)),
     "threshold_beyond_float": ({"threshold": -(10**400)}, ('"threshold" must be a finite number, got -1000',)),
@@ -434,7 +434,7 @@ OPTION_CRASHES = {
 @pytest.mark.parametrize("case", OPTION_CRASHES)
 def test_options_crash_inputs_are_refused_naming_the_fix(case):
     duo, expected = OPTION_CRASHES[case]
-    with pytest.raises(PatternError) as info:
+    with pytest.raises(DuoConfigError) as info:
         DuoConfig.from_additional_config({"duo": duo})
     message = _assert_one_line(info.value)
     for part in expected:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from duo_vllm.config import DuoConfigError
 from duo_vllm.pattern import PatternError
 from tests.duo_vllm.patterns_for_tests import random_pattern_dir
 from tests.helpers.server import run_vllm_expect_failure
@@ -66,7 +67,7 @@ def _bad_patterns(root):
 
 # case: (DUO options, what the one-line message must say: the problem and how to fix it, where the
 # message says more than the valid range). "@name" is a path from _bad_patterns. Every case is
-# refused with PatternError unless ERROR_TYPES says otherwise; LLM_ARGS are the case's other
+# refused with PatternError (a pattern) or DuoConfigError (an option) as ERROR_TYPES says; LLM_ARGS are the case's other
 # arguments to LLM(...).
 CASES = {
     "wrong_shape": ({"pattern": "@wrong_shape"}, ("32 layers x 8 KV heads", "python -m gate_training")),
@@ -104,7 +105,9 @@ CASES = {
                                     "Use one of: auto")),
 }
 LLM_ARGS = {"kv_cache_dtype_unsupported": {"kv_cache_dtype": "fp8_inc"}}
-ERROR_TYPES = {"kv_cache_dtype_unsupported": ValueError}
+ERROR_TYPES = {"kv_cache_dtype_unsupported": ValueError,
+               **dict.fromkeys(["sparsity_above_1", "sparsity_below_0", "sink_zero", "recent_negative",
+                                "unknown_option", "exclusive_options", "switch_not_bool"], DuoConfigError)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -155,7 +158,7 @@ def test_weight_cache_needs_the_checkpoint_head_order(smollm2, good_pattern):
     reordered there: DUO asks for reorder_heads false on both sides instead of guessing."""
     from vllm import LLM
 
-    with pytest.raises(PatternError, match='reorder_heads": false') as info:
+    with pytest.raises(DuoConfigError, match='reorder_heads": false') as info:
         LLM(model=smollm2, enforce_eager=True, max_model_len=1024, attention_backend="DUO",
             load_format="ipc_cache", additional_config={"duo": {"pattern": good_pattern}})
     assert "\n" not in str(info.value).strip()
@@ -166,7 +169,7 @@ def test_pipeline_parallelism_is_refused_before_any_engine_starts(smollm2, good_
     clear refusal naming tensor parallelism rather than an untested KV layout per stage."""
     from vllm import LLM
 
-    with pytest.raises(PatternError, match="--tensor-parallel-size") as info:
+    with pytest.raises(DuoConfigError, match="--tensor-parallel-size") as info:
         LLM(model=smollm2, enforce_eager=True, max_model_len=1024, attention_backend="DUO",
             pipeline_parallel_size=2, distributed_executor_backend="mp",
             additional_config={"duo": {"pattern": good_pattern}})
