@@ -72,15 +72,17 @@ def _serve_command(model: str, port: int, extra_args: tuple[str, ...]) -> list[s
 
 
 def _start(model: str, extra_args: tuple[str, ...], env: dict | None,
-           cache_dir: str) -> ServerHandle:
+           cache_dir: str, script: Path | None = None) -> ServerHandle:
     port = _free_port()
+    if script is not None:  # a script that starts the server itself, on the port in $PORT
+        env = {**(env or {}), "PORT": str(port)}
     # os.environ wins over the defaults (as apply_vllm_env's setdefault does); `env` wins over both,
     # and a None there removes the variable.
     full_env = {**vllm_env_defaults(cache_dir), **os.environ, **{k: str(v) for k, v in (env or {}).items()}}
     for key in [k for k, v in (env or {}).items() if v is None]:
         full_env.pop(key, None)
     fd, log_name = tempfile.mkstemp(prefix=f"vllm-serve-{port}-", suffix=".log")
-    cmd = _serve_command(model, port, extra_args)
+    cmd = ["bash", str(script), *extra_args] if script is not None else _serve_command(model, port, extra_args)
     with os.fdopen(fd, "w") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
@@ -164,15 +166,16 @@ def _wait_healthy(handle: ServerHandle, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, *extra_args: str, env: dict | None = None,
-                timeout: float = 240) -> Iterator[ServerHandle]:
-    """Start ``vllm serve model *extra_args`` and yield a handle once ``/health`` answers 200.
+def vllm_server(model: str | None, *extra_args: str, env: dict | None = None,
+                timeout: float = 240, script: Path | None = None) -> Iterator[ServerHandle]:
+    """Start ``vllm serve model *extra_args`` (or ``bash script *extra_args``, which serves on
+    ``$PORT``) and yield a handle once ``/health`` answers 200.
 
     On exit the server must stop within 30 s of SIGINT with nothing left in its process group,
     else AssertionError (raised only when the body itself did not fail).
     """
     cache_dir = tempfile.mkdtemp(prefix="duo-vllm-serve-cache-")
-    handle = _start(model, extra_args, env, cache_dir)
+    handle = _start(model, extra_args, env, cache_dir, script)
     body_failed = False
     try:
         _wait_healthy(handle, timeout)
