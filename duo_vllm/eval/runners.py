@@ -83,8 +83,19 @@ class ServerRunner:
         self.concurrency = concurrency
 
     def _one(self, sample: Sample) -> str:
-        response = self.client.completions.create(model=self.model, prompt=sample.ids, max_tokens=sample.max_tokens,
-                                                  temperature=0.0)
+        import openai
+
+        try:
+            response = self.client.completions.create(model=self.model, prompt=sample.ids,
+                                                      max_tokens=sample.max_tokens, temperature=0.0)
+        except openai.APIStatusError as exc:
+            raise EvalSetupError(
+                f"the server refused a {sample.prompt_tokens}-token {sample.task} prompt (HTTP {exc.status_code}: "
+                f"{exc.message}); serve with a --max-model-len of at least {sample.prompt_tokens + sample.max_tokens} "
+                "or pass shorter --lengths (cells already scored are kept)") from None
+        except openai.APIError as exc:
+            raise EvalSetupError(f"the server at {self.client.base_url} stopped answering ({type(exc).__name__}: "
+                                 f"{exc}); cells already scored are kept, run again to resume") from None
         return response.choices[0].text
 
     def generate(self, samples: Sequence[Sample]) -> list[str]:

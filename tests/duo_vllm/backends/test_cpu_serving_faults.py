@@ -213,3 +213,14 @@ def test_eval_scores_the_running_server(server, smollm2, tmp_path, capsys):
         ("duo-served", "needle", 1024), ("duo-served", "needle", 1024), ("duo-served", "vartrack", 1024)]
     assert r["scores"]["duo-served"]["needle"] >= 50
     assert "duo-served" in capsys.readouterr().out
+
+
+def test_eval_names_the_fix_when_the_server_refuses_a_prompt(server, smollm2, tmp_path, capsys):
+    """A length the server cannot take (past its --max-model-len) ends the eval with one line."""
+    from duo_vllm.eval.cli import main
+
+    assert main(["needle", "--server", server.base_url, "--model", smollm2, "--lengths", "3K", "--depths", "1",
+                 "--samples", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the server refused a 3072-token needle prompt (HTTP 400" in err, err
+    assert "--max-model-len of at least 3096" in err and len(err.splitlines()) == 1, err
