@@ -27,13 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NEEDLE_INDEX = 2_000_029  # gate_training.needle's held-out sample indices
 
 
-def model_path(name: str) -> str:
-    from duo_vllm.testing import models
-
-    known = {"qwen-coder-0.5b": models.qwen_coder_path, "smollm2": models.smollm2_path}
-    return str(known[name]()) if name in known else name
-
-
 def samples(path: str, context: int, count: int, seed: int) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -102,7 +95,9 @@ def main() -> None:
     import torch
     import vllm
 
-    path = model_path(args.model)
+    from duo_vllm.testing.models import resolve_short_name
+
+    path = resolve_short_name(args.model)
     data = samples(path, args.context, args.samples, args.seed)
     result = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__, "model": Path(path).name,
               "context": args.context, "prompt_tokens": [int(s["answer_start"]) for s in data],

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from duo_vllm.testing.haystack import encoded_text, sentence_end_ids, word_pool
+from duo_vllm.testing.haystack import encoded_text, sentence_end_ids, special_prefix, word_pool
 from gate_training.config import GateTrainingError
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
 
     passkeys = [" ".join(rng.choice(pool, size=spec.passkey_length)) for _ in range(spec.num_passkeys)]
     needles = [_encode(tokenizer, NEEDLE_TEMPLATE.format(number=n + 1, words=w)) for n, w in enumerate(passkeys)]
-    prefix = _encode_special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     hay_len = context_length - len(prefix) - sum(len(n) for n in needles)
     if hay_len < context_length // 2:
         raise GateTrainingError(
@@ -231,15 +231,6 @@ def make_sample(tokenizer, spec: PasskeySpec, index: int, context_length: int | 
         "passkey_positions": positions,
         "sample_index": index,
     }
-
-
-def _encode_special_prefix(tokenizer) -> list[int]:
-    """Tokens the tokenizer puts before text (e.g. BOS for Llama); empty for SmolLM2 / Qwen2."""
-    with_special = list(tokenizer.encode("a", add_special_tokens=True))
-    without = _encode(tokenizer, "a")
-    if with_special[-len(without):] == without:
-        return with_special[: len(with_special) - len(without)]
-    return []
 
 
 def eval_sample(tokenizer, spec: PasskeySpec, context_length: int | None = None) -> dict[str, Any]:

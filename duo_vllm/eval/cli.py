@@ -27,9 +27,6 @@ from duo_vllm.eval.tasks import TASKS
 
 logger = logging.getLogger("duo_vllm.eval")
 
-KNOWN_MODELS = {"smollm2": "smollm2_path", "qwen-coder-0.5b": "qwen_coder_path"}
-
-
 class UsageError(ValueError):
     """A bad argument: one line naming the fix, before any engine starts."""
 
@@ -86,14 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_model(name: str | None) -> str | None:
     if name is None:
         return None
-    if name in KNOWN_MODELS:
-        from duo_vllm.testing import models
+    from duo_vllm.testing.models import SHORT_NAMES, resolve_short_name
 
-        return str(getattr(models, KNOWN_MODELS[name])())
+    if name in SHORT_NAMES:
+        return resolve_short_name(name)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise UsageError(f"--model {name!r} is not a model folder (no config.json there); give a local "
-                         f"folder or one of {', '.join(KNOWN_MODELS)}")
+                         f"folder or one of {', '.join(SHORT_NAMES)}")
     return str(path.resolve())
 
 

@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from duo_vllm.testing.haystack import encoded_text, sentence_end_ids, word_pool
+from duo_vllm.testing.haystack import encoded_text, sentence_end_ids, special_prefix, word_pool
 
 _CONTEXT_SLOT = "\x00DUO_EVAL_CONTEXT\x00"
 _SNAP_WINDOW = 96  # tokens searched after a depth for a sentence end to insert a needle at
@@ -71,17 +71,9 @@ class PromptBuilder:
                 raise PromptError("the chat template dropped the user's message; pass --no-chat-template")
             head = self.encode(before)
             if not before:  # a template without BOS text: the tokenizer's own prefix
-                head = self._special_prefix()
+                head = special_prefix(self.tokenizer)
             return head, self.encode(after + answer_prefix)
-        return self._special_prefix(), self.encode(f"\n\n{question}\n\n{answer_prefix}")
-
-    def _special_prefix(self) -> list[int]:
-        """Tokens the tokenizer puts before text (BOS for Llama); empty for Qwen2 / SmolLM2."""
-        with_special = list(self.tokenizer.encode("a", add_special_tokens=True))
-        without = self.encode("a")
-        if with_special[-len(without):] == without:
-            return with_special[: len(with_special) - len(without)]
-        return []
+        return special_prefix(self.tokenizer), self.encode(f"\n\n{question}\n\n{answer_prefix}")
 
     def haystack(self, n: int, rng: random.Random) -> list[int]:
         """``n`` tokens of prose from a seeded offset, wrapping round the corpus when needed."""

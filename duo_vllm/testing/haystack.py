@@ -136,3 +136,13 @@ def sentence_end_ids(tokenizer, ids: Sequence[int]) -> set[int]:
         texts = tokenizer.batch_decode([[i] for i in unique])
         _BOUNDARIES[key] = {i for i, t in zip(unique, texts) if t.rstrip(" ").endswith(SENTENCE_END)}
     return _BOUNDARIES[key]
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Tokens the tokenizer puts before text (e.g. BOS for Llama); empty for SmolLM2 / Qwen2: what a
+    prompt assembled from separately encoded pieces must start with."""
+    with_special = list(tokenizer.encode("a", add_special_tokens=True))
+    without = list(tokenizer.encode("a", add_special_tokens=False))
+    if with_special[-len(without):] == without:
+        return with_special[: len(with_special) - len(without)]
+    return []

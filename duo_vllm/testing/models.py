@@ -174,3 +174,12 @@ def convert_gguf(gguf: Path, target: Path, *, architecture: str, source: str) ->
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s ready at %s (greedy tokens match the GGUF copy).", name, target)
     return target
+
+
+# Short names the command-line tools accept for the models above (built on first use).
+SHORT_NAMES = {"smollm2": smollm2_path, "qwen-coder-0.5b": qwen_coder_path}
+
+
+def resolve_short_name(name: str) -> str:
+    """The model folder for a short name in :data:`SHORT_NAMES`, else ``name`` unchanged."""
+    return str(SHORT_NAMES[name]()) if name in SHORT_NAMES else name
