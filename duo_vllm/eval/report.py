@@ -78,7 +78,7 @@ def plot(records: list[dict], backends: list[str], tasks: list[str], out: Path, 
         for ax, b in zip(axes[0], with_needle):
             depths, lengths, grid = needle_grid(records, b)
             image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-            ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths],
+            ax.set_xticks(range(len(lengths)), [_short_length(n) for n in lengths],
                           fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             ax.set_xlabel("prompt tokens", fontsize=8)
@@ -107,3 +107,13 @@ def plot(records: list[dict], backends: list[str], tasks: list[str], out: Path, 
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _short_length(n: int) -> str:
+    """4096 -> 4K and 4000 -> 4K (whichever unit the length was given in), 1536 -> 1.5K, 512 -> 512."""
+    if n < 1000:
+        return str(n)
+    for unit in (1024, 1000):
+        if n % unit == 0:
+            return f"{n // unit}K"
+    return f"{n / 1000:.1f}".rstrip("0").rstrip(".") + "K"

