@@ -1,4 +1,5 @@
-"""Command line: ``python -m gate_training --model PATH --out patterns/NAME [options]``.
+"""Command line: ``python -m gate_training --model PATH --out patterns/NAME [options]`` trains;
+``python -m gate_training score MODEL --out DIR`` scores heads without training (gate_training.score).
 
 Every option maps one-to-one onto a :class:`~gate_training.config.TrainConfig` field; defaults
 come from the dataclass so the CLI and the Python API cannot drift apart. Bad input exits with
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gate_training",
         description="Train DuoAttention gates for a Hugging Face decoder and write a duo-vllm pattern.",
+        epilog="Without training, in minutes: python -m gate_training score MODEL --out DIR "
+               "(see python -m gate_training score --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(TrainConfig):
@@ -82,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        from gate_training.score import main as score_main
+
+        return score_main(argv[1:])
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     stop_after = args.pop("stop_after")

@@ -97,7 +97,7 @@ def read_model_config(model_path: str):
     return config
 
 
-def _sliding_window(config) -> int | None:
+def sliding_window(config) -> int | None:
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or window <= 0:
         return None
@@ -109,7 +109,7 @@ def _sliding_window(config) -> int | None:
 def resolve_context(cfg: TrainConfig, config) -> int:
     """The effective ``max_context``; refuses contexts the model cannot position."""
     max_pos = config.max_position_embeddings
-    window = _sliding_window(config)
+    window = sliding_window(config)
     limit = min(max_pos, window) if window else max_pos
     if cfg.max_context is None:
         max_context = min(limit - qa_room(cfg), CONTEXT_CAP)
