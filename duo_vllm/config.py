@@ -83,6 +83,17 @@ class DuoConfig:
         if self.pattern is not None and not isinstance(self.pattern, str):
             raise DuoConfigError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
 
+    def is_set(self, name: str) -> bool:
+        """Whether the user gave option ``name`` rather than taking its default, so the start-up
+        line can say where a served value came from. Options read by
+        :meth:`from_additional_config` know the keys given; a config built in Python counts a
+        value other than the default as given."""
+        given = self.__dict__.get("_given")
+        if given is not None:
+            return name in given
+        default = next(f.default for f in fields(self) if f.name == name)
+        return getattr(self, name) != default
+
     @property
     def effective_sparsity(self) -> float | None:
         if self.retrieval_ratio is not None:
@@ -104,7 +115,9 @@ class DuoConfig:
         unknown = sorted(set(raw) - known, key=str)  # key: Python callers may pass keys of any type
         if unknown:
             raise DuoConfigError(f"Unknown DUO option(s) {unknown}; valid options: {sorted(known)}.")
-        return cls(**raw)
+        config = cls(**raw)
+        object.__setattr__(config, "_given", frozenset(raw))  # not a field: no option, no equality
+        return config
 
 
 def _is_number(value: Any) -> bool:

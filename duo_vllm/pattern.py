@@ -44,14 +44,12 @@ _HOW_TO_GET_PATTERN = (
 )
 
 
-
 class PatternError(ValueError):
     """A head pattern (file, values or parameters) cannot be used as given.
 
     Raised with a single message that says what is wrong and how to fix it, so
     that it can be shown to the user verbatim at engine start-up.
     """
-
 
 
 # --------------------------------------------------------------------------
@@ -142,7 +140,6 @@ def _check_sparsity(value: Any, name: str = "sparsity") -> float:
     return float(value)
 
 
-
 # --------------------------------------------------------------------------
 # the pattern object
 # --------------------------------------------------------------------------
@@ -170,6 +167,9 @@ class HeadPattern:
         Free-form training record (data, steps, seed, losses, ...).
     source : str or None
         Path the pattern was loaded from, for messages.
+    source_format, content_hash : str or None
+        The file's format (``duo-vllm-json``, ``duoattention-tsv``, ``prulong-masks-tsv``) and the
+        first 12 hex digits of its sha256, set by the loader so logs say exactly which map serves.
     """
 
     gates: np.ndarray
@@ -180,6 +180,8 @@ class HeadPattern:
     sparsity: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    source_format: str | None = None
+    content_hash: str | None = None
 
     def __post_init__(self) -> None:
         self.gates = _as_gates(self.gates)
@@ -197,7 +199,7 @@ class HeadPattern:
             raise PatternError(
                 f"provenance must be a dict, got {type(self.provenance).__name__}"
             )
-        for name in ("model_name", "model_fingerprint", "source"):
+        for name in ("model_name", "model_fingerprint", "source", "source_format", "content_hash"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 if isinstance(value, os.PathLike):
@@ -253,9 +255,8 @@ class HeadPattern:
             f"HeadPattern({self.num_layers}x{self.num_kv_heads}, "
             f"model={self.model_name!r}, sink={self.sink_size}, "
             f"recent={self.recent_size}, sparsity={self.sparsity}, "
-            f"source={self.source!r})"
+            f"source={self.source!r}, format={self.source_format}, sha256={self.content_hash})"
         )
-
 
 
 # --------------------------------------------------------------------------
@@ -344,7 +345,6 @@ def binarize(
     return mask
 
 
-
 # --------------------------------------------------------------------------
 # head layout mapping
 # --------------------------------------------------------------------------
@@ -421,7 +421,6 @@ def shard_for_tensor_parallel(mask: np.ndarray, tp_size: int, rank: int) -> np.n
     return m[:, head : head + 1].copy()
 
 
-
 # --------------------------------------------------------------------------
 # the served model
 # --------------------------------------------------------------------------
@@ -484,7 +483,6 @@ def validate_for_model(
             pattern.model_name,
             model_name,
         )
-
 
 
 def retrieval_stats(mask: np.ndarray) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Pattern files: our self-describing ``duo_pattern.json`` and the original DuoAttention output
-(``full_attention_heads.tsv`` + ``config.json``), read into a :class:`~duo_vllm.pattern.HeadPattern`
-and written back bit for bit. Every unreadable file is a :class:`~duo_vllm.pattern.PatternError`
-naming the fix. Numpy and the standard library only.
+"""Pattern files: our self-describing ``duo_pattern.json``, the original DuoAttention output
+(``full_attention_heads.tsv`` + ``config.json``) and PruLong's ``masks.tsv``
+(:mod:`duo_vllm.pattern_formats`), read into a :class:`~duo_vllm.pattern.HeadPattern` that records
+its format and file digest; ours is written back bit for bit. Every unreadable file is a
+:class:`~duo_vllm.pattern.PatternError` naming the fix. Numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from duo_vllm.pattern import (
     _is_int,
     _is_real,
 )
+from duo_vllm.pattern_formats import (
+    FORMAT_DUO_VLLM_JSON,
+    FORMAT_DUOATTENTION_TSV,
+    PRULONG_MASKS_FILENAME,
+    is_prulong_masks_name,
+    load_prulong_masks,
+    read_text_and_hash,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ __all__ = [
     "ORIGINAL_CONFIG_FILENAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "PRULONG_MASKS_FILENAME",
+    "find_pattern_file",
     "load_pattern",
     "save_pattern",
 ]
@@ -48,20 +59,8 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PatternError(f"cannot read pattern file {path}: {exc}") from None
-    except UnicodeDecodeError:
-        raise PatternError(
-            f"pattern file {path} is not UTF-8 text; point to a {PATTERN_FILENAME} or "
-            f"{ORIGINAL_GATES_FILENAME} file"
-        ) from None
-
-
-def _read_json(path: Path) -> Any:
-    text = _read_text(path)
+def _read_json(path: Path, text: str | None = None) -> Any:
+    text = read_text_and_hash(path)[0] if text is None else text
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -76,12 +75,12 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
-def _parse_tsv(path: Path) -> np.ndarray:
+def _parse_tsv(path: Path, text: str) -> np.ndarray:
     """Parse ``full_attention_heads.tsv`` with line numbers in every error."""
     rows: list[list[float]] = []
     width: int | None = None
     first_line = 0
-    for lineno, raw in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -137,9 +136,11 @@ def _load_original(tsv_path: Path, config_path: Path) -> HeadPattern:
     if not config_path.is_file():
         raise PatternError(
             f"{ORIGINAL_CONFIG_FILENAME} not found next to {tsv_path} (looked for "
-            f"{config_path}); copy the config.json of the same training run there"
+            f"{config_path}); copy the config.json of the same training run there (a PruLong "
+            f"0/1 mask needs no config.json: name it {PRULONG_MASKS_FILENAME})"
         )
-    gates = _parse_tsv(tsv_path)
+    text, digest = read_text_and_hash(tsv_path)
+    gates = _parse_tsv(tsv_path, text)
     # Same as the reference loader: trained gates undershoot 0 slightly.
     gates = np.clip(gates, 0.0, 1.0).astype(np.float32)
     config = _read_json(config_path)
@@ -147,6 +148,12 @@ def _load_original(tsv_path: Path, config_path: Path) -> HeadPattern:
         raise PatternError(
             f"{config_path} must hold a JSON object with the training arguments"
         )
+    if _is_model_config(config):
+        # Gates dropped into a model folder: the config.json there describes the model, not the
+        # training run, so it gives no window, sparsity or name.
+        logger.info("%s is the model's config, not a training record: the gates in %s carry no "
+                    "sink/recent or sparsity", config_path, tsv_path.name)
+        config = {}
     sparsity = config.get("sparsity")
     if sparsity is not None:
         sparsity = _check_sparsity(sparsity, f"sparsity in {config_path}")
@@ -160,11 +167,22 @@ def _load_original(tsv_path: Path, config_path: Path) -> HeadPattern:
         sparsity=sparsity,
         provenance=dict(config),
         source=str(tsv_path),
+        source_format=FORMAT_DUOATTENTION_TSV,
+        content_hash=digest,
     )
 
 
+def _is_model_config(config: Mapping[str, Any]) -> bool:
+    """A Hugging Face model config (what a model folder's config.json holds), not DuoAttention's
+    training arguments."""
+    training_keys = ("sink_size", "recent_size", "sparsity", "model_name")
+    return ("architectures" in config or "model_type" in config) and not any(
+        k in config for k in training_keys)
+
+
 def _load_ours(path: Path) -> HeadPattern:
-    data = _read_json(path)
+    text, digest = read_text_and_hash(path)
+    data = _read_json(path, text)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise PatternError(
             f"{path} is not a duo-vllm pattern (expected a JSON object with "
@@ -210,6 +228,8 @@ def _load_ours(path: Path) -> HeadPattern:
             sparsity=data.get("sparsity"),
             provenance=data.get("provenance") or {},
             source=str(path),
+            source_format=FORMAT_DUO_VLLM_JSON,
+            content_hash=digest,
         )
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an integer beyond float range
         if isinstance(exc, PatternError):
@@ -225,21 +245,39 @@ def _load_ours(path: Path) -> HeadPattern:
     return pattern
 
 
+_LOOKED_FOR = (f"{PATTERN_FILENAME}, {ORIGINAL_GATES_FILENAME} + {ORIGINAL_CONFIG_FILENAME}, "
+               f"or {PRULONG_MASKS_FILENAME}")
+
+
+def find_pattern_file(directory: Path) -> Path | None:
+    """The head-map file a folder offers, first found in this order: ``duo_pattern.json``, the
+    original ``full_attention_heads.tsv`` (its ``config.json`` beside it), PruLong's ``masks.tsv``.
+    A map the user wrote for us wins over a converted one, and trained gates over a hard 0/1 mask."""
+    candidates = [directory / name for name in
+                  (PATTERN_FILENAME, ORIGINAL_GATES_FILENAME, PRULONG_MASKS_FILENAME)]
+    present = [c for c in candidates if c.is_file()]
+    if len(present) > 1:
+        logger.info("%s holds %s; reading %s (duo_pattern.json, then full_attention_heads.tsv, "
+                    "then masks.tsv)", directory, ", ".join(c.name for c in present), present[0].name)
+    return present[0] if present else None
+
+
 def load_pattern(path: str | os.PathLike[str]) -> HeadPattern:
-    """Load a head pattern in either supported format.
+    """Load a head pattern in any supported format.
 
     Parameters
     ----------
     path : str or PathLike
-        A directory (``duo_pattern.json`` is preferred, else the original
-        ``full_attention_heads.tsv`` + ``config.json`` pair) or a direct path to
-        one of those files.
+        A directory (see :func:`find_pattern_file` for which file it reads) or a direct path to a
+        ``duo_pattern.json``, a ``full_attention_heads.tsv`` or its ``config.json``, or a PruLong
+        ``masks.tsv``.
 
     Returns
     -------
     HeadPattern
-        Original-format gates are clipped to [0, 1] like the reference loader;
-        our format is returned exactly as saved.
+        Original-format gates are clipped to [0, 1] like the reference loader; our format is
+        returned exactly as saved; a ``masks.tsv`` gives 0/1 gates and no sink/recent. Every
+        pattern names its ``source_format`` and ``content_hash``.
     """
     try:
         p = Path(path).expanduser()
@@ -250,40 +288,35 @@ def load_pattern(path: str | os.PathLike[str]) -> HeadPattern:
             f"pass the path of a pattern directory or file"
         ) from None
     if is_dir:
-        ours = p / PATTERN_FILENAME
-        tsv = p / ORIGINAL_GATES_FILENAME
-        if ours.is_file():
-            if tsv.is_file():
-                logger.debug("%s has both formats; using %s", p, PATTERN_FILENAME)
-            pattern = _load_ours(ours)
-        elif tsv.is_file():
-            pattern = _load_original(tsv, p / ORIGINAL_CONFIG_FILENAME)
-        else:
+        found = find_pattern_file(p)
+        if found is None:
+            rounded = sorted(c.name for c in p.glob("masks_sp*.tsv"))
+            hint = f"point to one of {rounded} itself, or " if rounded else ""
             raise PatternError(
-                f"no head pattern in directory {p}: looked for {PATTERN_FILENAME} or "
-                f"{ORIGINAL_GATES_FILENAME} + {ORIGINAL_CONFIG_FILENAME}; {_HOW_TO_GET_PATTERN}"
+                f"no head pattern in directory {p}: looked for {_LOOKED_FOR}; {hint}"
+                f"{_HOW_TO_GET_PATTERN}"
             )
-    elif is_file:
-        if p.suffix.lower() == ".tsv":
-            pattern = _load_original(p, p.parent / ORIGINAL_CONFIG_FILENAME)
-        elif p.name == ORIGINAL_CONFIG_FILENAME and (p.parent / ORIGINAL_GATES_FILENAME).is_file():
-            pattern = _load_original(p.parent / ORIGINAL_GATES_FILENAME, p)
-        elif p.suffix.lower() == ".json":
-            pattern = _load_ours(p)
-        else:
-            raise PatternError(
-                f"don't know how to read {p}: pass a directory, a {PATTERN_FILENAME} or "
-                f"a {ORIGINAL_GATES_FILENAME}"
-            )
+        p = found
+    elif not is_file:
+        raise PatternError(
+            f"head pattern path {p} does not exist (expected a directory holding {_LOOKED_FOR}, "
+            f"or a path to one of those files); {_HOW_TO_GET_PATTERN}"
+        )
+    if is_prulong_masks_name(p.name):
+        pattern = load_prulong_masks(p)
+    elif p.suffix.lower() == ".tsv":
+        pattern = _load_original(p, p.parent / ORIGINAL_CONFIG_FILENAME)
+    elif p.name == ORIGINAL_CONFIG_FILENAME and (p.parent / ORIGINAL_GATES_FILENAME).is_file():
+        pattern = _load_original(p.parent / ORIGINAL_GATES_FILENAME, p)
+    elif p.suffix.lower() == ".json":
+        pattern = _load_ours(p)
     else:
         raise PatternError(
-            f"head pattern path {p} does not exist (expected a directory holding "
-            f"{PATTERN_FILENAME} or {ORIGINAL_GATES_FILENAME} + {ORIGINAL_CONFIG_FILENAME}, "
-            f"or a path to one of those files); {_HOW_TO_GET_PATTERN}"
+            f"don't know how to read {p}: pass a directory, a {PATTERN_FILENAME}, a "
+            f"{ORIGINAL_GATES_FILENAME} or a {PRULONG_MASKS_FILENAME}"
         )
     logger.debug("loaded %s", pattern.describe())
     return pattern
-
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from duo_vllm.pattern import (
     shard_for_tensor_parallel,
     validate_for_model,
 )
-from duo_vllm.pattern_io import load_pattern
+from duo_vllm.pattern_formats import FORMAT_PRULONG_MASKS, check_mask_selection
+from duo_vllm.pattern_io import find_pattern_file, load_pattern
 from duo_vllm.shipped_patterns import find_shipped_pattern
 
 # Under "vllm." so that vLLM's own log handler (format, level, process prefix) shows it.
@@ -51,6 +53,7 @@ class DuoRuntime:
     retrieval_mask: np.ndarray  # bool [num_layers, total_kv_heads], True = retrieval
     tp_size: int = 1
     tp_rank: int = 0
+    pattern_origin: str | None = None  # "the pattern option", "the model folder", "the shipped patterns"
 
     @property
     def sink(self) -> int:
@@ -92,25 +95,73 @@ class DuoRuntime:
 
     def summary(self, context_len: int) -> str:
         stats = retrieval_stats(self.retrieval_mask)
-        choice = f"sparsity {self.sparsity:.2f}" if self.sparsity is not None else f"threshold {self.config.threshold}"
+        if self.sparsity is not None:
+            choice = f"sparsity {self.sparsity:.2f} ({self._sparsity_origin()})"
+        else:
+            choice = f"threshold {self.config.threshold}"
         return (
-            f"DUO attention: pattern {self.pattern.source or self.pattern.model_name} ({choice}); "
+            f"DUO attention: pattern {self.pattern.source or self.pattern.model_name} "
+            f"({self._pattern_identity()}{choice}); "
             f"retrieval KV heads per layer min/mean/max {stats['min_per_layer']}/"
             f"{stats['mean_per_layer']:.2f}/{stats['max_per_layer']} of {stats['num_kv_heads']} "
-            f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent}"
-            f"{self._trained_window_note()}; "
+            f"({stats['retrieval_fraction']:.1%} of all heads); sink {self.sink}, recent {self.recent} "
+            f"({self._window_origin()}{self._trained_window_note()}); "
             f"KV saving this pattern implies at {context_len} tokens: {self.kv_saving(context_len):.1%}"
         )
 
+    def _pattern_identity(self) -> str:
+        """Which map exactly, and how it was found: format, file digest, origin."""
+        parts = [self.pattern.source_format, self.pattern.content_hash and f"sha256 {self.pattern.content_hash}",
+                 self.pattern_origin and f"from {self.pattern_origin}"]
+        return "".join(f"{part}, " for part in parts if part)
+
+    def _sparsity_origin(self) -> str:
+        if self.config.effective_sparsity is not None:
+            return "option"
+        if self.pattern.sparsity is None:
+            return "default"
+        return "the mask's own split" if self.pattern.source_format == FORMAT_PRULONG_MASKS else "the pattern's own"
+
+    def _window_origin(self) -> str:
+        given = [name for name in ("sink", "recent") if self.config.is_set(name)]
+        if len(given) == 2:
+            return "from the options"
+        if not given:
+            return "the defaults"
+        other = "recent" if given == ["sink"] else "sink"
+        return f"{given[0]} from the options, {other} the default"
+
     def _trained_window_note(self) -> str:
-        """Where the served sink/recent differ from what the pattern was trained with: said, not
-        silently applied. The ``sink``/``recent`` options win (default: the paper's deployment
-        setting, 64/256; the paper trained with 128/256)."""
+        """Where the served sink/recent differ from what the pattern was trained with, or the file
+        records none: said, not silently applied. The ``sink``/``recent`` options win (default: the
+        paper's deployment setting, 64/256; the paper trained with 128/256)."""
         trained = (self.pattern.sink_size, self.pattern.recent_size)
+        if trained == (None, None):
+            if self.config.is_set("sink") and self.config.is_set("recent"):
+                return ""
+            what = Path(self.pattern.source).name if self.pattern.source else "the pattern"
+            return (f"; {what} records no sink/recent: set the sink/recent options to the window it "
+                    "was trained with")
         if None in trained or trained == (self.sink, self.recent):
             return ""
-        return (f" (the pattern was trained with sink {trained[0]}, recent {trained[1]}; "
-                "set the sink/recent options to serve those)")
+        return (f"; the pattern was trained with sink {trained[0]}, recent {trained[1]}: "
+                "set the sink/recent options to serve those")
+
+
+def _model_folder_pattern(model_name: str) -> HeadPattern | None:
+    """A head map the user put beside the weights (the model path is a local folder): served with
+    no option, before any shipped pattern. A broken one stops start-up: it was put there to be used."""
+    try:
+        folder = Path(model_name).expanduser()
+        if not folder.is_dir():
+            return None
+    except (OSError, ValueError):
+        return None
+    found = find_pattern_file(folder)
+    if found is None:
+        return None
+    logger.info("DUO pattern found in the model folder: %s (no pattern option given)", found)
+    return load_pattern(found)
 
 
 def build_runtime(
@@ -136,15 +187,20 @@ def build_runtime(
     if checkpoint_config is not None and model_fingerprint(checkpoint_config) != fingerprint:
         fingerprints.append(model_fingerprint(checkpoint_config))
     if duo_config.pattern is not None:
-        pattern = load_pattern(duo_config.pattern)
+        pattern, origin = load_pattern(duo_config.pattern), "the pattern option"
+    elif (pattern := _model_folder_pattern(model_name)) is not None:
+        origin = "the model folder"
     else:
+        origin = "the shipped patterns"
         pattern = next(filter(None, (find_shipped_pattern(model_name, f) for f in fingerprints)), None)
         if pattern is None:
             raise PatternError(
                 f"No DuoAttention pattern ships for model {model_name!r} (config fingerprint "
                 f"{fingerprint}). Train one with `python -m gate_training --model {model_name} "
-                f"--out patterns/NAME`, or pass an existing one with "
-                f"--additional-config '{{\"duo\": {{\"pattern\": \"/path/to/pattern\"}}}}'."
+                f"--out patterns/NAME`, pass an existing one with "
+                f"--additional-config '{{\"duo\": {{\"pattern\": \"/path/to/pattern\"}}}}', or put "
+                f"one (duo_pattern.json, full_attention_heads.tsv + config.json, or masks.tsv) in the "
+                f"model's own folder."
             )
     if pattern.model_fingerprint is not None and pattern.model_fingerprint in fingerprints[1:]:
         logger.info("DUO pattern %s matches %s's checkpoint config; serving it with the config "
@@ -160,11 +216,12 @@ def build_runtime(
                                 min_retrieval_per_layer=duo_config.min_retrieval_per_layer)
     else:
         sparsity = duo_config.effective_sparsity
+        check_mask_selection(pattern, sparsity)  # a hard 0/1 mask cannot rank its heads
         if sparsity is None:
             sparsity = pattern.sparsity if pattern.sparsity is not None else DEFAULT_SPARSITY
         mask = pattern.binarize(sparsity=sparsity,
                                 min_retrieval_per_layer=duo_config.min_retrieval_per_layer)
-    return DuoRuntime(duo_config, pattern, sparsity, mask, tp_size, tp_rank)
+    return DuoRuntime(duo_config, pattern, sparsity, mask, tp_size, tp_rank, origin)
 
 
 _RUNTIMES: dict[str, DuoRuntime] = {}

@@ -31,6 +31,10 @@ class KVReport:
     tp_padding_head_slots: int
     theoretical_ratio: float  # stock bytes / DUO bytes for one request of context_len, unpaged
     planned_ratio: float  # the same with vLLM's blocks: what its capacity figure shows
+    # Which head map these figures are for: a report read later must name it exactly.
+    pattern_source: str | None = None
+    pattern_format: str | None = None  # duo-vllm-json, duoattention-tsv, prulong-masks-tsv
+    pattern_sha256: str | None = None  # first 12 hex digits of the file's sha256
 
     def line(self) -> str:
         mib = 1024 * 1024
@@ -41,13 +45,16 @@ class KVReport:
             f"({self.streaming_blocks_per_request} blocks of {self.streaming_block_size} tokens); "
             f"capacity vs stock at {self.context_len:,} tokens: {self.planned_ratio:.2f}x "
             f"(pattern's bound {self.theoretical_ratio:.2f}x); "
-            f"TP padding {self.tp_padding_head_slots} head slots"
+            f"TP padding {self.tp_padding_head_slots} head slots; "
+            f"pattern {self.pattern_format or 'in memory'}"
+            f"{f' sha256 {self.pattern_sha256}' if self.pattern_sha256 else ''}"
         )
 
 
 def kv_report(vllm_config, context_len: int | None = None, runtime=None,
               block_size: int | None = None) -> KVReport:
     runtime = runtime or runtime_from_vllm_config(vllm_config)
+    pattern = runtime.pattern  # None in unit tests that give a mask alone
     model_config = vllm_config.model_config
     context_len = context_len or model_config.max_model_len
     slots = runtime.head_slots
@@ -78,6 +85,9 @@ def kv_report(vllm_config, context_len: int | None = None, runtime=None,
         tp_padding_head_slots=slots.padding,
         theoretical_ratio=stock_per_token * context_len / duo_exact,
         planned_ratio=stock_paged / ((r_blocks + s_blocks) * bytes_per_block),
+        pattern_source=getattr(pattern, "source", None),
+        pattern_format=getattr(pattern, "source_format", None),
+        pattern_sha256=getattr(pattern, "content_hash", None),
     )
 
 

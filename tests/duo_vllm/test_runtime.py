@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -366,3 +367,195 @@ def test_overlap_streaming_on_cpu_is_reported_not_ignored(smollm2, monkeypatch):
         assert len(warned) == int(overlap), warned
         assert any("DUO attention" in r.getMessage() for r in records)  # the runtime was built here
     assert "no effect on cpu" in warned[0]
+
+
+# ----------------------------------------------------------------------------- PruLong masks.tsv
+
+
+def write_masks(folder, mask) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "masks.tsv"
+    path.write_text("\n".join("\t".join("1.0" if v else "0.0" for v in row) for row in mask) + "\n")
+    return str(path)
+
+
+def mask_with_streaming(count, seed=0):
+    mask = np.ones((LAYERS, KV_HEADS), dtype=bool)
+    mask.reshape(-1)[np.random.default_rng(seed).choice(LAYERS * KV_HEADS, count, replace=False)] = False
+    return mask
+
+
+def test_masks_tsv_serves_the_mask_at_its_own_split(tmp_path, hf_config):
+    mask = mask_with_streaming(60)
+    path = write_masks(tmp_path / "prulong", mask)
+    for pattern_option in (path, str(tmp_path / "prulong")):
+        runtime = build(DuoConfig(pattern=pattern_option), hf_config)
+        np.testing.assert_array_equal(runtime.retrieval_mask, mask)
+        assert runtime.sparsity == pytest.approx(60 / 90)
+    text = runtime.summary(4096)
+    assert f"prulong-masks-tsv, sha256 {runtime.pattern.content_hash}, from the pattern option" in text, text
+    assert "sparsity 0.67 (the mask's own split)" in text, text
+    assert ("sink 64, recent 256 (the defaults; masks.tsv records no sink/recent: set the sink/recent "
+            "options to the window it was trained with)") in text, text
+
+
+def test_masks_tsv_window_comes_from_the_options_and_says_so(tmp_path, hf_config):
+    path = write_masks(tmp_path, mask_with_streaming(30))
+    both = DuoConfig.from_additional_config({"duo": {"pattern": path, "sink": 128, "recent": 1024}})
+    text = build(both, hf_config).summary(8192)
+    assert "sink 128, recent 1024 (from the options)" in text and "records no" not in text, text
+    # an option equal to its default is still the user's choice
+    same = DuoConfig.from_additional_config({"duo": {"pattern": path, "sink": 64, "recent": 256}})
+    assert "sink 64, recent 256 (from the options)" in build(same, hf_config).summary(8192)
+    one = DuoConfig.from_additional_config({"duo": {"pattern": path, "sink": 128}})
+    text = build(one, hf_config).summary(8192)
+    assert "sink 128, recent 256 (sink from the options, recent the default; masks.tsv records no" in text, text
+    # a config built in Python: a value other than the default counts as given
+    assert "recent 1024 (recent from the options, sink the default" in build(
+        DuoConfig(pattern=path, recent=1024), hf_config).summary(8192)
+
+
+@pytest.mark.parametrize("option", [{"sparsity": 0.5}, {"retrieval_ratio": 0.25}, {"sparsity": 0.33}])
+def test_masks_tsv_refuses_a_sparsity_it_cannot_rank(tmp_path, hf_config, option):
+    path = write_masks(tmp_path, mask_with_streaming(60))
+    with pytest.raises(PatternError) as info:
+        build(DuoConfig(pattern=path, **option), hf_config)
+    message = str(info.value)
+    assert "hard 0/1 head mask (60 of 90 KV heads stream" in message, message
+    assert "Leave out the sparsity/retrieval_ratio option" in message and path in message, message
+
+
+def test_masks_tsv_accepts_what_needs_no_ranking(tmp_path, hf_config):
+    mask = mask_with_streaming(60)
+    path = write_masks(tmp_path, mask)
+    for option, want in (({"sparsity": 60 / 90}, mask), ({"retrieval_ratio": 1 / 3}, mask),
+                         ({"sparsity": 0.0}, np.ones_like(mask)), ({"sparsity": 1.0}, np.zeros_like(mask)),
+                         ({"threshold": 0.5}, mask), ({"threshold": 1.0}, mask)):
+        runtime = build(DuoConfig(pattern=path, **option), hf_config)
+        np.testing.assert_array_equal(runtime.retrieval_mask, want, err_msg=str(option))
+
+
+def test_masks_tsv_of_the_wrong_shape_names_both_shapes(tmp_path, hf_config):
+    path = write_masks(tmp_path, np.ones((LAYERS, 9), dtype=bool))  # query heads, not KV heads
+    with pytest.raises(PatternError) as info:
+        build(DuoConfig(pattern=path), hf_config)
+    message = str(info.value)
+    assert f"shape {LAYERS} layers x 9 KV heads" in message, message
+    assert f"has {LAYERS} layers x {KV_HEADS} KV heads" in message and path in message, message
+
+
+# ----------------------------------------------------------------------------- model folder
+
+
+def model_folder(tmp_path, config=None):
+    folder = tmp_path / "MyModel"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config or fake_config()))
+    return folder
+
+
+def shipped_for_fake_model(tmp_path, monkeypatch, seed=20):
+    """A shipped pattern that matches the fake model by fingerprint."""
+    shipped = tmp_path / "shipped"
+    saved_pattern(shipped / "NoSuchModel-xq7", random_gates(seed), hf_config=fake_config(), sparsity=0.5,
+                  model_name=FAKE_NAME)
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(shipped))
+
+
+def runtime_log(monkeypatch):
+    import logging
+
+    import duo_vllm.runtime as runtime_module
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger, level = runtime_module.logger, runtime_module.logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def stop():
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    return records, stop
+
+
+@pytest.mark.parametrize("fmt", ["duo_pattern.json", "masks.tsv"])
+def test_pattern_in_the_model_folder_beats_the_shipped_one(tmp_path, monkeypatch, fmt):
+    shipped_for_fake_model(tmp_path, monkeypatch)
+    folder = model_folder(tmp_path)
+    if fmt == "masks.tsv":
+        mask = mask_with_streaming(45, seed=3)
+        write_masks(folder, mask)
+    else:
+        gates = random_gates(21)
+        saved_pattern(folder, gates, hf_config=fake_config(), sparsity=0.5, model_name=FAKE_NAME)
+        mask = None
+    records, stop = runtime_log(monkeypatch)
+    try:
+        runtime = build(DuoConfig(), fake_config(), model_name=str(folder))
+    finally:
+        stop()
+    assert runtime.pattern.source == str(folder / fmt)
+    assert runtime.pattern_origin == "the model folder"
+    if mask is not None:
+        np.testing.assert_array_equal(runtime.retrieval_mask, mask)
+    else:
+        np.testing.assert_array_equal(runtime.pattern.gates, random_gates(21))
+    assert f"DUO pattern found in the model folder: {folder / fmt} (no pattern option given)" in records, records
+    assert "from the model folder" in runtime.summary(1024)
+
+
+def test_model_folder_precedence(tmp_path, monkeypatch):
+    """The pattern option beats the model folder; a folder with no map (or a hub id) falls back
+    to the shipped pattern; a broken map in the folder stops start-up instead of being skipped."""
+    shipped_for_fake_model(tmp_path, monkeypatch)
+    folder = model_folder(tmp_path)
+    assert build(DuoConfig(), fake_config(), model_name=str(folder)).pattern_origin == "the shipped patterns"
+    assert build(DuoConfig(), fake_config(), model_name=FAKE_NAME).pattern_origin == "the shipped patterns"
+    write_masks(folder, mask_with_streaming(10))
+    explicit = saved_pattern(tmp_path / "explicit", random_gates(22), hf_config=None, sparsity=0.5)
+    runtime = build(DuoConfig(pattern=explicit), fake_config(), model_name=str(folder))
+    assert runtime.pattern_origin == "the pattern option"
+    np.testing.assert_array_equal(runtime.pattern.gates, random_gates(22))
+    (folder / "masks.tsv").write_text("1\t0.5\t1\n")
+    with pytest.raises(PatternError, match=r"masks.tsv, line 1, column 2: '0.5' is not 0 or 1"):
+        build(DuoConfig(), fake_config(), model_name=str(folder))
+
+
+def test_no_pattern_message_names_the_model_folder(tmp_path, monkeypatch):
+    empty = tmp_path / "empty_patterns"
+    empty.mkdir()
+    monkeypatch.setenv("DUO_VLLM_PATTERNS", str(empty))
+    with pytest.raises(PatternError, match="in the model's own folder"):
+        build(DuoConfig(), fake_config(), model_name=str(model_folder(tmp_path)))
+
+
+@pytest.mark.slow
+def test_engine_serves_the_masks_in_the_model_folder_with_no_option(smollm2, tmp_path, monkeypatch):
+    """One real engine: a PruLong-style checkpoint folder (weights + masks.tsv, no DUO option
+    naming a pattern) serves the mask, not the shipped SmolLM2 pattern, with the window given."""
+    from pathlib import Path
+
+    import duo_vllm.runtime as runtime_module
+    from tests.helpers.llm import greedy_tokens, offline_llm
+
+    folder = tmp_path / "SmolLM2-prulong"
+    folder.mkdir()
+    for item in Path(smollm2).iterdir():
+        (folder / item.name).symlink_to(item)
+    mask = mask_with_streaming(45, seed=5)
+    write_masks(folder, mask)
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+    with offline_llm(str(folder), max_model_len=512, enforce_eager=True, attention_backend="DUO",
+                     additional_config={"duo": {"sink": 16, "recent": 64}}) as llm:
+        [tokens] = greedy_tokens(llm, ["The capital of France is"], max_tokens=4)
+    assert len(tokens) == 4
+    runtimes = list(runtime_module._RUNTIMES.values())  # built in this process from the engine config
+    assert runtimes, "no DUO runtime was built"
+    for runtime in runtimes:
+        assert runtime.pattern_origin == "the model folder"
+        assert runtime.pattern.source == str(folder / "masks.tsv")
+        np.testing.assert_array_equal(runtime.retrieval_mask, mask)
+        assert "sink 16, recent 64 (from the options)" in runtime.summary(512)
