@@ -13,11 +13,17 @@ import pytest
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "qwen3moe", "llama31")
 
 
 def tiny_config(family: str, **overrides):
-    """A 2-layer, 64-wide config of ``family`` ('llama', 'qwen2', 'mistral') with GQA 4:2."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A 2-layer, 64-wide config of ``family`` with GQA 4:2 (heads of 16).
+
+    Families: 'llama', 'qwen2', 'mistral'; 'qwen3' (per-head q/k RMSNorm); 'qwen3moe' (q/k norms and
+    a sparse-MoE MLP, 4 experts top-2, in layer 0; layer 1 dense); 'llama31' (Llama-3.1's "llama3"
+    RoPE scaling with an original context of 64, so the rescaled frequencies act on the samples).
+    """
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -30,6 +36,16 @@ def tiny_config(family: str, **overrides):
         cfg = Qwen2Config(**common, use_sliding_window=False, architectures=["Qwen2ForCausalLM"])
     elif family == "mistral":
         cfg = MistralConfig(**common, sliding_window=None, architectures=["MistralForCausalLM"])
+    elif family == "qwen3":
+        cfg = Qwen3Config(**common, head_dim=16, use_sliding_window=False, architectures=["Qwen3ForCausalLM"])
+    elif family == "qwen3moe":
+        cfg = Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                             num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                             mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
+    elif family == "llama31":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        cfg = LlamaConfig(**common, rope_parameters=rope, architectures=["LlamaForCausalLM"])
     else:  # pragma: no cover
         raise ValueError(family)
     for key, value in overrides.items():
@@ -58,11 +74,11 @@ def save_tiny_model(folder: Path, family: str, tokenizer_source: str, **override
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory, smollm2) -> dict[str, str]:
-    """Folders of tiny random Llama / Qwen2 / Mistral models (saved once per session)."""
+    """Folders of tiny random models of every ``tiny_config`` family (saved once per session)."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {
         family: str(save_tiny_model(root / family, family, smollm2))
-        for family in ("llama", "qwen2", "mistral")
+        for family in TINY_FAMILIES
     }
 
 

@@ -134,7 +134,7 @@ def test_rejects_padding_masks_and_cached_decoding():
         gated_attention_forward(_Module(state), q[:, :, :1], q, q, None)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "qwen3moe", "llama31"])
 def test_model_families_route_through_gates(family):
     """Gates at 1 reproduce the stock model; gates at 0 reproduce the dense all-streaming reference."""
     model = tiny_model(family)

@@ -125,14 +125,20 @@ def test_rerun_needs_overwrite(reference_run, smollm2):
         GateTrainer(_config(smollm2, reference_run["out"]), progress=False)
 
 
-def test_tiny_qwen2_and_mistral_train_end_to_end(tiny_model_dirs, tmp_path):
-    """No per-model code: the same trainer runs the other families (2 steps, random weights)."""
-    for family in ("qwen2", "mistral"):
-        cfg = _config(tiny_model_dirs[family], tmp_path / family, steps=2, warmup=0, dtype="float32",
-                      max_context=200)
-        result = GateTrainer(cfg, progress=False).train()
-        assert result.finished and result.gates.shape == (2, 2)
-        assert load_pattern(tmp_path / family).num_kv_heads == 2
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "qwen3moe", "llama31"])
+def test_tiny_families_train_end_to_end(family, tiny_model_dirs, tmp_path):
+    """No per-model code: the same trainer runs the other families (2 steps, random weights):
+    Qwen2, Mistral, Qwen3 (q/k norms), Qwen3-MoE (sparse-MoE MLP) and Llama-3.1 (RoPE scaling)."""
+    from transformers import AutoConfig
+
+    cfg = _config(tiny_model_dirs[family], tmp_path / family, steps=2, warmup=0, dtype="float32",
+                  max_context=200)
+    result = GateTrainer(cfg, progress=False).train()
+    assert result.finished and result.gates.shape == (2, 2)
+    assert (1.0 - result.gates).max() > 0.0, "gates did not move"
+    pattern = load_pattern(tmp_path / family)
+    assert (pattern.num_layers, pattern.num_kv_heads) == (2, 2)
+    assert pattern.model_fingerprint == model_fingerprint(AutoConfig.from_pretrained(tiny_model_dirs[family]))
 
 
 def test_own_haystack_trains_and_is_recorded(tiny_model_dirs, tmp_path):

