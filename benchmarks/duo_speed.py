@@ -13,7 +13,7 @@ with the same capture sizes (1..256), prefix caching off, greedy, ignore_eos. Ba
 decode ms/token come from one request each, timed by vLLM's per-request stats (first-token
 latency; engine-core time from the first to the last token).
 
-Floors (the device's HBM bandwidth and dense bf16 peak, ``DEVICES``; e.g. H100 SXM 3.35 TB/s and
+Floors (the device's HBM bandwidth and dense bf16 peak, ``_common.DEVICES``; e.g. H100 SXM 3.35 TB/s and
 989 TFLOP/s, H200 4.8 TB/s and 989 TFLOP/s): decode = (weights + KV bytes read per token) /
 bandwidth; prefill = (2 x parameters x tokens + attention FLOPs) / peak, where a streaming head's
 attention costs sink + recent keys per query; throughput = the same prefill floor for all prompts
@@ -57,49 +57,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kv_capacity import LLAMA2_7B, LLAMA3_8B, duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+from _common import (  # noqa: E402
+    BACKENDS,
+    CASES,
+    DeviceFloors,
+    device_floors,
+    duo_report,
+    engine_kwargs,
+    floors,
+    model_dir,
+    parameters,
+    parse_backends,
+    synthetic_prompt,
+)
+from _plots import backend_colour, backend_label, marks, save_png, subplots  # noqa: E402
 
-# name fragment of torch.cuda.get_device_name() -> (HBM bytes/s, dense bf16 FLOP/s); first match wins
-DEVICES = {
-    "H100 PCIe": (2.0e12, 756e12),
-    "H100 NVL": (3.9e12, 835e12),
-    "H100": (3.35e12, 989e12),  # SXM, HBM3
-    "H200": (4.8e12, 989e12),
-    "A100-SXM4-80GB": (2.039e12, 312e12),
-    "A100 80GB PCIe": (1.935e12, 312e12),
-}
-BANDWIDTH, PEAK_FLOPS = DEVICES["H100"]  # set for the device in main()
 LONGEST_POSITIONS = 4 * 1024 * 1024  # position limit given to the shapes for --longest
 OUTPUT_TOKENS = 128
 PREFILL_OVER_FLOOR = 1.6  # measured prefill / floor on the H100 and H200 at 128K-770K (1.45-1.65)
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine and DUO's report
 
-CASES = {
-    "llama3-8b-gqa-50": dict(config=LLAMA3_8B, pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
-                             lengths=[32768, 131072], throughput=[(2048, 128), (32768, 32)]),
-    "llama2-7b-mha-25": dict(config={**LLAMA2_7B, "max_position_embeddings": 131072},
-                             pattern="Llama-2-7B-32K-Instruct", sparsity=0.75, lengths=[32768, 65536],
-                             throughput=[]),
-}
-
-
-# --backends: each engine's DUO options from the case's (None: stock FLASH_ATTN). The variants
-# change one option; the table names what each one does.
-BACKENDS = {"stock": lambda duo: None, "duo": lambda duo: duo,
-            "duo-gather": lambda duo: {**duo, "reorder_heads": False},
-            "duo-overlap": lambda duo: {**duo, "overlap_streaming": True}}
+# --backends variants (_common.BACKENDS): what each one does, for the table
 VARIANTS = {"duo-gather": "DUO with heads in checkpoint order (gathered each step)",
             "duo-overlap": "DUO with streaming heads beside FA3 on a second stream"}
-
-
-def parse_backends(parser, text: str) -> list[str]:
-    """``--backends`` as a list of BACKENDS names (an unknown name is a usage error)."""
-    backends = text.split(",")
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        parser.error(f"unknown --backends {sorted(unknown)}: choose from {', '.join(BACKENDS)}")
-    return backends
 
 
 def floor_kind(backend: str) -> str:
@@ -107,38 +87,13 @@ def floor_kind(backend: str) -> str:
     return "stock" if backend == "stock" else "duo"
 
 
-def parameters(config: dict) -> int:
-    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
-    d = config.get("head_dim", h // config["num_attention_heads"])
-    attn = h * config["num_attention_heads"] * d * 2 + h * config["num_key_value_heads"] * d * 2
-    embed = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * (attn + 3 * h * inter) + embed
-
-
-def floors(config: dict, report: dict, n: int) -> dict:
-    """Decode (bandwidth) and prefill (compute) floors at context n, stock and DUO."""
-    params = parameters(config)
-    layers, q_heads = config["num_hidden_layers"], config["num_attention_heads"]
-    d = config.get("head_dim", config["hidden_size"] // q_heads)
-    retrieval = report["retrieval_bytes_per_token"] / report["stock_bytes_per_token"]
-    window = report["streaming_window_tokens"]
-    attn_full = layers * q_heads * 2 * d * n * n  # causal: 4 d n^2 / 2 per head
-    attn_duo = retrieval * attn_full + (1 - retrieval) * layers * q_heads * 4 * d * n * window
-    return {
-        "stock_decode_ms": (2 * params + report["stock_bytes_per_token"] * n) / BANDWIDTH * 1e3,
-        "duo_decode_ms": (2 * params + report["retrieval_bytes_per_token"] * n
-                          + report["streaming_bytes_per_request"]) / BANDWIDTH * 1e3,
-        "stock_prefill_s": (2 * params * n + attn_full) / PEAK_FLOPS,
-        "duo_prefill_s": (2 * params * n + attn_duo) / PEAK_FLOPS,
-    }
-
-
-def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_update) -> dict:
+def measure(model: str, case: dict, duo: dict | None, decode_tokens: int, on_update,
+            kv_cache_dtype: str = "auto") -> dict:
     from vllm import LLM, SamplingParams
 
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
     kwargs = engine_kwargs(model, max_len, 0.9, duo, enable_prefix_caching=False, max_num_seqs=256,
-                           kv_cache_dtype=KV_CACHE_DTYPE, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
+                           kv_cache_dtype=kv_cache_dtype, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
                            compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     start = time.time()
     llm = LLM(**kwargs)
@@ -187,12 +142,12 @@ def timed_request(llm, prompt, decode_tokens: int) -> dict:
 
 
 def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int, budget_s: float,
-                    report: dict) -> dict:
+                    report: dict, device: DeviceFloors, kv_cache_dtype: str = "auto") -> dict:
     """The longest context the engine can hold (auto-fit), and batch-1 TTFT/decode there."""
     from vllm import LLM
 
     kwargs = engine_kwargs(model, -1, 0.9, duo, enable_prefix_caching=False, max_num_seqs=8,
-                           kv_cache_dtype=KV_CACHE_DTYPE, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
+                           kv_cache_dtype=kv_cache_dtype, disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
                            hf_overrides={"max_position_embeddings": LONGEST_POSITIONS},
                            compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
     llm = LLM(**kwargs)
@@ -200,12 +155,13 @@ def measure_longest(model: str, case: dict, duo: dict | None, decode_tokens: int
     longest = config.model_config.max_model_len
     held = longest - decode_tokens - 2
     kind = "duo_prefill_s" if duo else "stock_prefill_s"
-    n = largest_context_within(lambda m: PREFILL_OVER_FLOOR * floors(case["config"], report, m)[kind], held, budget_s)
-    floor = floors(case["config"], report, n)
+    n = largest_context_within(lambda m: PREFILL_OVER_FLOOR * floors(case["config"], report, m, device)[kind],
+                               held, budget_s)
+    floor = floors(case["config"], report, n, device)
     result = {"max_model_len": longest, "kv_tokens": config.cache_config.kv_cache_size_tokens,
               "held_context": held, "context": n, "prefill_floor_s": round(floor[kind], 1)}
     if n < held:
-        result["shortened"] = shortened_reason(held, floors(case["config"], report, held)[kind], n, budget_s)
+        result["shortened"] = shortened_reason(held, floors(case["config"], report, held, device)[kind], n, budget_s)
     timed_request(llm, synthetic_prompt(4096), decode_tokens)  # warm-up
     result.update(timed_request(llm, synthetic_prompt(n), decode_tokens))
     result["floors"] = {k: round(v, 3) for k, v in floor.items()}
@@ -231,39 +187,41 @@ def largest_context_within(expected_s, held: int, budget_s: float, step: int = 1
     return max(step, lo * step)
 
 
-def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: int, duo: bool) -> float:
+def throughput_floor(config: dict, report: dict, n: int, count: int, kv_tokens: int, duo: bool,
+                     device: DeviceFloors) -> float:
     """Seconds: prefill of all prompts at peak compute, plus decode steps at the bandwidth floor
     with as many requests per step as the KV pool holds (weights read once per step)."""
-    f = floors(config, report, n)
+    f = floors(config, report, n, device)
     prefill = count * f["duo_prefill_s" if duo else "stock_prefill_s"]
     per_request = (report["retrieval_bytes_per_token"] * n + report["streaming_bytes_per_request"]
                    if duo else report["stock_bytes_per_token"] * n)
     fits = max(1, min(count, kv_tokens // (n + OUTPUT_TOKENS)))
     waves = -(-count // fits)
-    step = (2 * parameters(config) + fits * per_request) / BANDWIDTH
+    step = (2 * parameters(config) + fits * per_request) / device.bandwidth
     return prefill + waves * OUTPUT_TOKENS * step
 
 
-def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: list[str],
-             longest_budget_s: float | None = None) -> dict:
+def run_case(name: str, case: dict, patterns: str, out: Path, decode_tokens: int, backends: list[str],
+             device: DeviceFloors, kv_cache_dtype: str = "auto", longest_budget_s: float | None = None) -> dict:
+    """Every measurement of one case (``CASES[name]``, or a copy with other lengths or workloads),
+    written to ``out`` as it comes."""
     import torch
 
-    case = CASES[name]
     model = model_dir(case["config"])
     duo = {"pattern": str(Path(patterns) / case["pattern"]), "sparsity": case["sparsity"]}
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
-    report = duo_report(engine_kwargs(model, max_len, 0.9, duo, kv_cache_dtype=KV_CACHE_DTYPE))
+    report = duo_report(engine_kwargs(model, max_len, 0.9, duo, kv_cache_dtype=kv_cache_dtype))
     report["streaming_window_tokens"] = report["streaming_bytes_per_request"] // max(
         1, report["stock_bytes_per_token"] - report["retrieval_bytes_per_token"])
     import vllm
 
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__, "case": name,
-               "kv_cache_dtype": KV_CACHE_DTYPE,
+               "kv_cache_dtype": kv_cache_dtype,
                "pattern": case["pattern"], "sparsity": case["sparsity"],
                "command": " ".join(["python", "benchmarks/duo_speed.py", *sys.argv[1:]]),
-               "device_floors": {"bandwidth_bytes_per_s": BANDWIDTH, "peak_bf16_flops": PEAK_FLOPS},
+               "device_floors": device.as_json(),
                "duo_report": report, "floors": {}}
-    suffix = ("_longest" if longest_budget_s is not None else "") + ("" if KV_CACHE_DTYPE == "auto" else f"_{KV_CACHE_DTYPE}")
+    suffix = ("_longest" if longest_budget_s is not None else "") + ("" if kv_cache_dtype == "auto" else f"_{kv_cache_dtype}")
     path = out / f"duo_speed_{name}{suffix}.json"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -274,23 +232,23 @@ def run_case(name: str, patterns: str, out: Path, decode_tokens: int, backends: 
     if longest_budget_s is not None:
         for backend in backends:
             results.setdefault("longest", {})[backend] = measure_longest(
-                model, case, BACKENDS[backend](duo), decode_tokens, longest_budget_s, report)
+                model, case, BACKENDS[backend](duo), decode_tokens, longest_budget_s, report, device, kv_cache_dtype)
             path.write_text(json.dumps(results, indent=2))
         return results
     for n in case["lengths"]:
-        results["floors"][str(n)] = {k: round(v, 3) for k, v in floors(case["config"], report, n).items()}
+        results["floors"][str(n)] = {k: round(v, 3) for k, v in floors(case["config"], report, n, device).items()}
     if "stock" in backends:
-        save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r)))
+        save("stock", measure(model, case, None, decode_tokens, lambda r: save("stock", r), kv_cache_dtype))
     if "duo" in backends:
-        save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r)))
+        save("duo", measure(model, case, duo, decode_tokens, lambda r: save("duo", r), kv_cache_dtype))
     for variant in (b for b in backends if b in VARIANTS):  # what one option buys: batch 1 only
         save(variant, measure(model, {**case, "throughput": []}, BACKENDS[variant](duo),
-                              decode_tokens, lambda r, v=variant: save(v, r)))
+                              decode_tokens, lambda r, v=variant: save(v, r), kv_cache_dtype))
     for n, count in case["throughput"]:
         key = f"{count}x{n}"
         results["floors"][key] = {
             f"{b}_wall_s": round(throughput_floor(case["config"], report, n, count, results[b]["kv_tokens"],
-                                                  b == "duo"), 2)
+                                                  b == "duo", device), 2)
             for b in ("stock", "duo") if b in results}
     path.write_text(json.dumps(results, indent=2))
     return results
@@ -342,16 +300,11 @@ def table(results: dict) -> str:
 
 def plot(json_path: str) -> Path:
     """PNG per case: TTFT and decode per context with their floors, and throughput (needs .[bench])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = json.loads(Path(json_path).read_text())
     if "longest" in results:
         return plot_longest(results, Path(json_path).with_suffix(".png"))
     cases = results["cases"] if "cases" in results else {results["case"]: results}
-    fig, axes = plt.subplots(len(cases), 3, figsize=(12, 3.4 * len(cases)), squeeze=False)
+    fig, axes = subplots(len(cases), 3, figsize=(12, 3.4 * len(cases)), squeeze=False)
     for row, (name, r) in zip(axes, cases.items()):
         lengths = list(r["stock"]["lengths"])
         xs = range(len(lengths))
@@ -359,9 +312,9 @@ def plot(json_path: str) -> Path:
                                              (row[1], "decode_ms_per_token", "decode_ms", "decode, batch 1 (ms/token)")):
             for offset, key in ((-0.2, "stock"), (0.2, "duo")):
                 ax.bar([x + offset for x in xs], [r[key]["lengths"][n][metric] for n in lengths], 0.4,
-                       label="stock FLASH_ATTN" if key == "stock" else "DUO")
-                ax.plot([x + offset for x in xs], [r["floors"][n][f"{key}_{floor_key}"] for n in lengths], "k_",
-                        markersize=18, label=f"floor ({key})" if key == "stock" else None)
+                       label=backend_label(key), color=backend_colour(key))
+                marks(ax, [x + offset for x in xs], [r["floors"][n][f"{key}_{floor_key}"] for n in lengths], 18,
+                      label=f"floor ({key})" if key == "stock" else None)
             ax.set_xticks(list(xs), [f"{int(n) // 1024}K" for n in lengths])
             ax.set_title(f"{name}: {title}", fontsize=8)
         row[0].legend(fontsize=7)
@@ -370,38 +323,30 @@ def plot(json_path: str) -> Path:
         if keys:
             for offset, key in ((-0.2, "stock"), (0.2, "duo")):
                 row[2].bar([x + offset for x in range(len(keys))],
-                           [r[key]["throughput"][k]["output_tokens_per_s"] for k in keys], 0.4, label=key)
+                           [r[key]["throughput"][k]["output_tokens_per_s"] for k in keys], 0.4,
+                           label=backend_label(key), color=backend_colour(key))
             row[2].set_xticks(list(range(len(keys))), keys)
             row[2].set_title(f"{name}: output tokens/s ({OUTPUT_TOKENS} per request)", fontsize=8)
         else:
             row[2].axis("off")
     fig.suptitle(f"DUO vs stock FLASH_ATTN, {next(iter(cases.values()))['device']}", fontsize=9)
-    fig.tight_layout()
-    png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, json_path)
 
 
 def plot_longest(results: dict, png: Path) -> Path:
     """PNG of a --longest run: the context each engine holds, and TTFT / decode there."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["longest"]
     names = list(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = subplots(1, 3, figsize=(12, 3.4))
     panels = (("max_model_len", "longest context held (tokens)", None),
               ("ttft_s", "time to first token there (s)", "prefill_s"),
               ("decode_ms_per_token", "decode there, batch 1 (ms/token)", "decode_ms"))
     for ax, (key, title, floor_key) in zip(axes, panels):
         values = [runs[n].get(key, 0) for n in names]
-        ax.bar(names, values, color=["C0" if n == "stock" else "C1" for n in names])
+        ax.bar(names, values, color=[backend_colour(n) for n in names])
         if floor_key:
-            floors = [runs[n].get("floors", {}).get(f"{floor_kind(n)}_{floor_key}")
-                      for n in names]
-            ax.plot(names, floors, "k_", markersize=30, label="floor")
+            marks(ax, names, [runs[n].get("floors", {}).get(f"{floor_kind(n)}_{floor_key}") for n in names], 30,
+                  label="floor")
             ax.legend(fontsize=7)
         for x, v in enumerate(values):
             ax.annotate(f"{v:,}", (x, v), ha="center", va="bottom", fontsize=7)
@@ -410,9 +355,7 @@ def plot_longest(results: dict, png: Path) -> Path:
     fig.suptitle(f"{results['case']} on {results['device']}{kv}: the longest context each engine holds "
                  f"(contexts differ: stock {runs.get('stock', {}).get('context', 0):,}, "
                  f"DUO {runs.get('duo', {}).get('context', 0):,} tokens)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, png)
 
 
 def main() -> None:
@@ -451,35 +394,23 @@ def main() -> None:
         return
     if not (args.patterns and args.case):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
+    case = dict(CASES[args.case])  # this run's lengths and workloads; CASES stays as it is
     if args.lengths:
-        CASES[args.case]["lengths"] = [int(n) for n in args.lengths.split(",")]
+        case["lengths"] = [int(n) for n in args.lengths.split(",")]
     if args.throughput:
         try:
-            CASES[args.case]["throughput"] = [(int(n), int(c)) for c, n in
-                                              (item.split("x") for item in args.throughput.split(","))]
+            case["throughput"] = [(int(n), int(c)) for c, n in
+                                  (item.split("x") for item in args.throughput.split(","))]
         except ValueError:
             parser.error(f"--throughput {args.throughput!r}: expected COUNTxLENGTH[,COUNTxLENGTH...], e.g. 48x32768")
     if args.skip_throughput:
-        CASES[args.case]["throughput"] = []
-    global KV_CACHE_DTYPE
-    KV_CACHE_DTYPE = args.kv_cache_dtype
-    set_device_floors(args.bandwidth, args.peak_flops)
-    results = run_case(args.case, args.patterns, Path(args.out), args.decode_tokens, backends,
-                       args.longest_budget_s if args.longest else None)
-    print(table(results))
-
-
-def set_device_floors(bandwidth: float | None, peak_flops: float | None) -> None:
-    """The floors' bandwidth and peak for this GPU; refuse to guess for an unlisted one."""
-    global BANDWIDTH, PEAK_FLOPS
+        case["throughput"] = []
     import torch
 
-    name = torch.cuda.get_device_name(0)
-    known = next((spec for fragment, spec in DEVICES.items() if fragment in name), None)
-    if known is None and (bandwidth is None or peak_flops is None):
-        raise SystemExit(f"no floor figures for {name!r}: pass --bandwidth BYTES_PER_S and --peak-flops FLOPS")
-    BANDWIDTH = bandwidth or known[0]
-    PEAK_FLOPS = peak_flops or known[1]
+    device = device_floors(torch.cuda.get_device_name(0), args.bandwidth, args.peak_flops)
+    results = run_case(args.case, case, args.patterns, Path(args.out), args.decode_tokens, backends, device,
+                       args.kv_cache_dtype, args.longest_budget_s if args.longest else None)
+    print(table(results))
 
 
 if __name__ == "__main__":

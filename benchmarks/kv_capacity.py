@@ -24,52 +24,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "max_position_embeddings": 262144, "torch_dtype": "bfloat16",
-    "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False,
-}
-LLAMA2_7B = {
-    **LLAMA3_8B, "intermediate_size": 11008, "num_key_value_heads": 32, "vocab_size": 32000,
-    "rope_theta": 10000.0, "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
-}
-SHAPES = {
-    "llama3-8b-gqa-50": (LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5, 131072),
-    "llama2-7b-mha-25": (LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75, 32768),
-}
-
-
-def model_dir(config: dict) -> str:
-    folder = Path(tempfile.mkdtemp(prefix="duo-shape-"))
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
-
-
-def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | None, **extra) -> dict:
-    """LLM(...) arguments for a random-weight model of a real shape; DUO when ``duo`` is given."""
-    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=max_model_len, gpu_memory_utilization=gpu_util, seed=0, **extra)
-    if duo is not None:
-        kwargs.update(attention_backend="DUO", additional_config={"duo": duo})
-    return kwargs
-
-
-def synthetic_prompt(num_tokens: int, offset: int = 0):
-    """A deterministic token-id prompt (dummy weights: the content does not matter); prompts with
-    different offsets share no prefix."""
-    from vllm.inputs import TokensPrompt
-
-    return TokensPrompt(prompt_token_ids=[((i + offset) * 7919) % 30000 + 100 for i in range(num_tokens)])
+from _common import SHAPES, duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+from _plots import backend_label, save_png, subplots  # noqa: E402
 
 
 def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kv_cache_dtype: str = "auto") -> dict:
@@ -95,22 +59,17 @@ def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, k
 
 def plot(json_path: str) -> Path:
     """PNG bar chart next to the JSON (run where matplotlib is installed: pip install .[bench])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = json.loads(Path(json_path).read_text())
     names = list(results["shapes"])
     dtypes = list(results["shapes"][names[0]].get("by_kv_cache_dtype", {"auto": None}))
     series = [(dtype, key) for dtype in dtypes for key in ("stock", "duo")]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(3.5 + 1.5 * len(series), 3.8))
+    fig, ax = subplots(figsize=(3.5 + 1.5 * len(series), 3.8))
     xs = list(range(len(names)))
     for i, (dtype, key) in enumerate(series):
         runs = [results["shapes"][n].get("by_kv_cache_dtype", {"auto": results["shapes"][n]})[dtype] for n in names]
         values = [run[key]["kv_tokens"] for run in runs]
-        label = f"{'stock FLASH_ATTN' if key == 'stock' else 'DUO'}, KV {'bf16' if dtype == 'auto' else dtype}"
+        label = f"{backend_label(key)}, KV {'bf16' if dtype == 'auto' else dtype}"
         bars = ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width, label=label)
         ax.bar_label(bars, labels=[f"{v / 1000:.0f}K" for v in values], fontsize=7)
 
@@ -122,26 +81,7 @@ def plot(json_path: str) -> Path:
     ax.set_ylabel("vLLM KV cache size (tokens)")
     ax.set_title(f"KV capacity at the same memory budget, {results['device']}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    return png
-
-
-def duo_report(engine_kwargs: dict) -> dict:
-    """DUO's own KV report for these engine arguments (planned from the config, no engine).
-
-    Built from a fresh config: after start-up vLLM rewrites the running engine's block size to
-    the smallest KV-cache group's.
-    """
-    from dataclasses import asdict
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    from duo_vllm.kv_cache.report import kv_report
-
-    config = EngineArgs(**engine_kwargs).create_engine_config()
-    return asdict(kv_report(config, context_len=config.model_config.max_model_len))
+    return save_png(fig, json_path, dpi=120)
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ weights. On a GPU the JSON also holds the HBM floors of the families that stream
 (``decode_floors``: weights for the GEMMs, the K/V each engine's attention reads), to put each
 family's time next to its floor.
 
-``--backends`` takes duo_speed's engine names (``stock,duo,duo-overlap``...). The PNG stacks each
-engine's families with its wall time per step.
+``--backends`` takes duo_speed's engine names (``stock,duo,duo-overlap``..., ``_common.BACKENDS``). The
+PNG stacks each engine's families with its wall time per step.
 
     python benchmarks/profile_decode.py --case llama3-8b-gqa-50 --patterns PATTERNS --context 131072 --out $OUT
     python benchmarks/profile_decode.py --plot benchmarks/results/FILE.json   # PNG, locally
@@ -37,14 +37,25 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine.step() runs one step, here
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the same engine environment as duo_speed.py
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import duo_speed  # noqa: E402
-from duo_speed import BACKENDS, CASES, parameters, parse_backends  # noqa: E402
-from kv_capacity import duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+from _common import (  # noqa: E402
+    BACKENDS,
+    CASES,
+    DeviceFloors,
+    device_floors,
+    duo_report,
+    engine_kwargs,
+    model_dir,
+    parameters,
+    parse_backends,
+    synthetic_prompt,
+)
+from _plots import marks, save_png, subplots  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)
 FAMILIES = [
@@ -122,13 +133,13 @@ def profile(model: str, case: dict, duo: dict | None, context: int, steps: int,
             "top_kernels_ms_per_token": {name[:160]: round(us / steps / 1e3, 4) for name, us in top}}
 
 
-def decode_floors(config: dict, report: dict, context: int, bandwidth: float) -> dict:
+def decode_floors(config: dict, report: dict, context: int, device: DeviceFloors) -> dict:
     """HBM floors (bytes / bandwidth) of the families that stream memory: GEMMs read every
     weight once per token, attention every cached K/V it attends to."""
     def ms(num_bytes: float) -> float:
-        return round(num_bytes / bandwidth * 1e3, 3)
+        return round(num_bytes / device.bandwidth * 1e3, 3)
 
-    return {"bandwidth_bytes_per_s": bandwidth,
+    return {"bandwidth_bytes_per_s": device.bandwidth,
             "gemm_weights_ms": ms(2 * parameters(config)),
             "stock_attention_kv_ms": ms(report["stock_bytes_per_token"] * context),
             "duo_retrieval_kv_ms": ms(report["retrieval_bytes_per_token"] * context),
@@ -187,14 +198,9 @@ def profiled_engines(results: dict) -> list[tuple[str, dict]]:
 def plot(json_path: str) -> Path:
     """PNG next to the JSON: each engine's GPU ms per decode token, stacked by kernel family, and
     its unprofiled wall time per step (needs .[bench])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = json.loads(Path(json_path).read_text())
     engines = profiled_engines(results)
-    fig, ax = plt.subplots(figsize=(3.4 + 1.1 * len(engines), 4))
+    fig, ax = subplots(figsize=(3.4 + 1.1 * len(engines), 4))
     xs = list(range(len(engines)))
     bottom = [0.0] * len(engines)
     for family_name, label in PLOT_GROUPS + [(None, "rest")]:
@@ -203,17 +209,13 @@ def plot(json_path: str) -> Path:
                    for _, r in engines]
         ax.bar(xs, heights, 0.6, bottom=bottom, label=label)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.plot(xs, [r["wall_ms_per_step_unprofiled"] for _, r in engines], "k_", markersize=26,
-            label="wall per step (unprofiled)")
+    marks(ax, xs, [r["wall_ms_per_step_unprofiled"] for _, r in engines], 26, label="wall per step (unprofiled)")
     ax.set_xticks(xs, [name for name, _ in engines], fontsize=7, rotation=20)
     ax.set_ylabel("ms per decode token")
     ax.set_title(f"{results['case']} at {results['context']} tokens, {results['mode']}, "
                  f"{results['device'].split(' (')[0]}", fontsize=8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, json_path)
 
 
 def main() -> None:
@@ -256,9 +258,9 @@ def main() -> None:
                                            args.cuda_graphs)
         out.write_text(json.dumps(result, indent=2))
     if torch.cuda.is_available():
-        duo_speed.set_device_floors(None, None)
+        floors_of_device = device_floors(device)  # an unlisted GPU stops here (its profiles already written)
         report = duo_report(engine_kwargs(model, args.context + 2 * args.steps + 64, 0.9, duo))
-        result["floors"] = decode_floors(case["config"], report, args.context, duo_speed.BANDWIDTH)
+        result["floors"] = decode_floors(case["config"], report, args.context, floors_of_device)
     out.write_text(json.dumps(result, indent=2))
     try:
         print("plot:", plot(str(out)))

@@ -48,6 +48,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _plots import save_png, subplots  # noqa: E402
+
 KINDS = {  # kind -> weight in the mix
     "long": 3, "short": 4, "chat": 3, "stream": 2, "n2": 1, "seeded": 2, "multiturn": 2,
     "disconnect": 1, "abort": 1, "probe": 2,
@@ -431,14 +435,10 @@ def summary(r: dict) -> str:
 
 
 def plot(json_path: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG next to the JSON: server memory per process, KV pool use and requests over time (needs .[bench])."""
     r = json.loads(Path(json_path).read_text())
     tl = r["timeline"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = subplots(1, 3, figsize=(13, 3.4))
     t = [s["t"] for s in tl]
     axes[0].plot(t, [s["rss_mib"] or 0 for s in tl], label="all")
     for name in sorted({n for s in tl for n in (s.get("rss_mib_by_process") or {})}):
@@ -457,10 +457,7 @@ def plot(json_path: str) -> Path:
     fig.suptitle(f"{r.get('model', '')} {backend} server, {r['clients']} clients: sent {r['sent']}, completed "
                  f"{r['completed']}, aborted {r['aborted']}, 4xx {r['4xx']}, 5xx {r['5xx']}, lost {r['lost']}",
                  fontsize=9)
-    fig.tight_layout()
-    png = Path(json_path).with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
+    return save_png(fig, json_path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
