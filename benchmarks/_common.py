@@ -2,16 +2,32 @@
 device floors. A library, not a script: ``kv_capacity.py``, ``duo_speed.py`` and
 ``profile_decode.py`` import it (none imports another script).
 
-Nothing here imports vLLM or torch at import time, and nothing here changes process-wide state:
-the device floors are a value (``device_floors``), passed to whatever computes a floor.
+Nothing here imports vLLM or torch at import time, and nothing here changes process-wide state
+unless called (``set_engine_environment``): the device floors are a value (``device_floors``),
+passed to whatever computes a floor.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+ENGINE_ENVIRONMENT = {
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    "VLLM_HOST_IP": "127.0.0.1",  # an engine start hung for minutes without it on the GPU machine
+    "HF_HUB_OFFLINE": "1",  # the GPU machine has no network
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",  # contexts past the shapes' max_position_embeddings
+}
+
+
+def set_engine_environment(**extra: str) -> None:
+    """The engine environment of every benchmark (user settings win): call before vLLM is imported."""
+    for key, value in {**ENGINE_ENVIRONMENT, **extra}.items():
+        os.environ.setdefault(key, value)
+
 
 # ---------------------------------------------------------------- shapes and cases
 

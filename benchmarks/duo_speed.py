@@ -51,10 +51,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import (  # noqa: E402
@@ -68,8 +64,11 @@ from _common import (  # noqa: E402
     model_dir,
     parameters,
     parse_backends,
+    set_engine_environment,
     synthetic_prompt,
 )
+
+set_engine_environment()  # before anything imports vLLM
 from _plots import backend_colour, backend_label, marks, save_png, subplots  # noqa: E402
 
 LONGEST_POSITIONS = 4 * 1024 * 1024  # position limit given to the shapes for --longest

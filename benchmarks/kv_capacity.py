@@ -27,12 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import SHAPES, duo_report, engine_kwargs, model_dir, synthetic_prompt  # noqa: E402
+from _common import SHAPES, duo_report, engine_kwargs, model_dir, set_engine_environment, synthetic_prompt  # noqa: E402
+
+set_engine_environment()  # before vLLM is imported
 from _plots import backend_label, save_png, subplots  # noqa: E402
 
 

@@ -36,11 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine.step() runs one step, here
-os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # the same engine environment as duo_speed.py
-os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import (  # noqa: E402
@@ -53,8 +48,11 @@ from _common import (  # noqa: E402
     model_dir,
     parameters,
     parse_backends,
+    set_engine_environment,
     synthetic_prompt,
 )
+
+set_engine_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")  # before vLLM is imported; engine.step() runs one step here
 from _plots import marks, save_png, subplots  # noqa: E402
 
 # kernel-name pattern -> family; first match wins (names as CUDA/Triton report them)

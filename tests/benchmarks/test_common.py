@@ -203,3 +203,18 @@ def test_script_help(script):
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
+
+
+def test_engine_environment_fills_defaults_and_keeps_the_users(monkeypatch):
+    import _common
+
+    for key in _common.ENGINE_ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.7")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    _common.set_engine_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    import os
+
+    assert os.environ["VLLM_HOST_IP"] == "10.0.0.7"
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
