@@ -61,3 +61,13 @@ def test_help_documents_every_option():
     for word in ("needle", "multikey", "multivalue", "multiquery", "vartrack", "commonwords", "control",
                  "stock", "streaming", "inverse", "random"):
         assert word in out.stdout
+
+
+def test_cpu_engines_get_a_bounded_kv_cache_unless_sized(monkeypatch):
+    from duo_vllm.eval.cli import CPU_KV_CACHE_BYTES, with_cpu_kv_default
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert with_cpu_kv_default({"dtype": "float32"}) == {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert with_cpu_kv_default({"kv_cache_memory_bytes": 123}) == {"kv_cache_memory_bytes": 123}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert with_cpu_kv_default({}) == {}
