@@ -37,9 +37,12 @@ def _is_real(value: Any) -> bool:
 class TrainConfig:
     """Everything that defines a gate-training run.
 
-    Defaults follow the DuoAttention paper (sink 128, recent 256, 2000 steps, 400-step warm-up and
-    decay, lr 0.02 from/to 0.002, reg 0.05, ten 32-word passkeys, 50 context lengths), except the
-    context range, which defaults to 1000 tokens .. the model's maximum (capped at 32768).
+    Defaults follow the DuoAttention paper's *training* setting (sink 128, recent 256, 2000 steps,
+    400-step warm-up and decay, lr 0.02 from/to 0.002, reg 0.05, ten 32-word passkeys, 50 context
+    lengths), except the context range, which defaults to 1000 tokens .. the model's maximum
+    (capped at 32768). The pattern records the sink/recent it was trained with; the plugin serves
+    its own ``sink``/``recent`` options (default 64/256, the paper's *deployment* setting) and its
+    start-up line names the trained window when they differ (``duo_vllm.config``, docs/patterns.md).
 
     Parameters
     ----------
