@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -54,6 +54,10 @@ class DuoRuntime:
     tp_size: int = 1
     tp_rank: int = 0
     pattern_origin: str | None = None  # "the pattern option", "the model folder", "the shipped patterns"
+    # KV-layout decisions fixed at their first use in this process (the streaming block size:
+    # duo_vllm.kv_cache.spec.planned_streaming_block_size); the runtime owns them, so the layer
+    # specs and the KV report read one value.
+    kv_layout: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sink(self) -> int:

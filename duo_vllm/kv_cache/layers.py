@@ -17,33 +17,16 @@ from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from duo_vllm.kv_cache.spec import DuoStreamingSpec, streaming_block_size
+from duo_vllm.kv_cache.spec import DuoStreamingSpec, planned_streaming_block_size
 
 COMPANION_SUFFIX = "duo_streaming"
-
-
-# Streaming block size per runtime, fixed at the first spec query. After planning, vLLM's
-# engine core sets cache_config.block_size to the smallest group block size, which must not
-# change the streaming spec if it is asked for again.
-_STREAMING_BLOCK: dict[int, tuple[object, int]] = {}
-
-
-def _streaming_block(vllm_config, runtime) -> int:
-    entry = _STREAMING_BLOCK.get(id(runtime))
-    if entry is None or entry[0] is not runtime:
-        slots = runtime.head_slots
-        block = streaming_block_size(vllm_config.cache_config.block_size, int(slots.retrieval.sum()),
-                                     int(slots.streaming.sum()), sink=runtime.sink,
-                                     recent=runtime.recent,
-                                     max_model_len=vllm_config.model_config.max_model_len)
-        entry = _STREAMING_BLOCK[id(runtime)] = (runtime, block)
-    return entry[1]
 
 
 def streaming_spec_for_layer(vllm_config, runtime, layer_index: int, *, head_size: int,
                              head_size_v: int, dtype: torch.dtype) -> DuoStreamingSpec:
     slots = runtime.head_slots
-    block_size = _streaming_block(vllm_config, runtime)
+    block_size = planned_streaming_block_size(runtime, vllm_config.cache_config.block_size,
+                                              vllm_config.model_config.max_model_len)
     return DuoStreamingSpec(
         block_size=block_size,
         num_kv_heads=int(slots.streaming[layer_index]),

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from vllm.utils.math_utils import cdiv
 
-from duo_vllm.kv_cache.spec import DuoStreamingSpec, streaming_block_size
+from duo_vllm.kv_cache.spec import DuoStreamingSpec, planned_streaming_block_size, streaming_block_size
 from duo_vllm.runtime import runtime_from_vllm_config
 
 
@@ -60,10 +60,13 @@ def kv_report(vllm_config, context_len: int | None = None, runtime=None,
     slots = runtime.head_slots
     head_bytes = _bytes_per_head_token(vllm_config)
     num_layers = len(slots.retrieval)
-    block_size = block_size or vllm_config.cache_config.block_size
     retrieval_heads, streaming_heads = int(slots.retrieval.sum()), int(slots.streaming.sum())
-    s_block = streaming_block_size(block_size, retrieval_heads, streaming_heads, sink=runtime.sink,
-                                   recent=runtime.recent, max_model_len=model_config.max_model_len)
+    if block_size is None:  # the engine's own layout: the value its layer specs use
+        block_size = vllm_config.cache_config.block_size
+        s_block = planned_streaming_block_size(runtime, block_size, model_config.max_model_len)
+    else:  # what another retrieval block size would give
+        s_block = streaming_block_size(block_size, retrieval_heads, streaming_heads, sink=runtime.sink,
+                                       recent=runtime.recent, max_model_len=model_config.max_model_len)
     spec = DuoStreamingSpec(block_size=s_block, num_kv_heads=1, head_size=1, dtype=model_config.dtype,
                             sink=runtime.sink, recent=runtime.recent)
     s_blocks = spec.max_blocks_per_request(model_config.max_model_len) if streaming_heads else 0

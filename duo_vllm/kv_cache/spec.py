@@ -90,6 +90,19 @@ class DuoStreamingSpec(AttentionSpec):
         )
 
 
+def planned_streaming_block_size(runtime, retrieval_block_size: int, max_model_len: int) -> int:
+    """The streaming group's block size for ``runtime``, decided by the first call and kept in
+    ``runtime.kv_layout``: after planning, vLLM's engine core sets ``cache_config.block_size`` to
+    the smallest group block size, and asking again with that must not change the streaming spec.
+    The layer specs and the KV report both read it here."""
+    if "streaming_block_size" not in runtime.kv_layout:
+        slots = runtime.head_slots
+        runtime.kv_layout["streaming_block_size"] = streaming_block_size(
+            retrieval_block_size, int(slots.retrieval.sum()), int(slots.streaming.sum()),
+            sink=runtime.sink, recent=runtime.recent, max_model_len=max_model_len)
+    return runtime.kv_layout["streaming_block_size"]
+
+
 def streaming_block_size(retrieval_block_size: int, retrieval_heads: int, streaming_heads: int, *,
                          sink: int, recent: int, max_model_len: int, min_block_size: int = 1) -> int:
     """Block size of the streaming group that fits the most requests of ``max_model_len``.

@@ -173,3 +173,21 @@ def test_report_command_names_a_bad_option(smollm2, capsys):
         main([smollm2, "--duo", '{"sparsity": 1.5}'])
     assert exit_info.value.code == 2
     assert 'DUO option "sparsity" must be a number in [0, 1]' in capsys.readouterr().err
+
+
+def test_streaming_block_is_decided_once_and_shared_with_the_report():
+    """After planning, vLLM sets cache_config.block_size to the smallest group block size: the
+    streaming spec asked for again, and the engine's KV report, must keep the first decision."""
+    mask = np.array([[True, False, False, False], [True, True, False, False]])
+    runtime, config = runtime_for(mask, sink=16, recent=48), fake_vllm_config(block_size=16, max_model_len=1024)
+    first = streaming_spec_for_layer(config, runtime, 0, head_size=128, head_size_v=128, dtype=torch.bfloat16)
+    config.cache_config.block_size = 4  # what the engine core does after planning
+    again = streaming_spec_for_layer(config, runtime, 0, head_size=128, head_size_v=128, dtype=torch.bfloat16)
+    assert again.block_size == first.block_size
+    assert kv_report(config, context_len=1024, runtime=runtime).streaming_block_size == first.block_size
+    # an explicit block size is a what-if: computed afresh, the decision untouched
+    what_if = kv_report(config, context_len=1024, runtime=runtime, block_size=4)
+    assert what_if.streaming_block_size == streaming_block_size(4, 3, 5, sink=16, recent=48, max_model_len=1024)
+    assert runtime.kv_layout["streaming_block_size"] == first.block_size
+    # a new runtime decides for itself
+    assert runtime_for(mask, sink=16, recent=48).kv_layout == {}
