@@ -5,7 +5,8 @@ the DUO runtime there (``patches/engine_config_validation.py``), so the figures 
 that process, once per engine configuration, before the server answers its first request (with
 ``--api-server-count`` above 1 vLLM reads multiprocess files instead; not checked there yet):
 
-- ``duo:pattern_info{pattern, model, selection, sink, recent}`` (always 1): which pattern is served;
+- ``duo:pattern_info{pattern, model, format, sha256, origin, selection, sink, recent}`` (always 1): which
+  pattern is served, in which file format, its file digest and where it was found;
 - ``duo:retrieval_ratio``: fraction of KV heads that keep the full cache;
 - ``duo:streaming_bytes_per_request``: the fixed sink + recent KV of one request's streaming heads;
 - ``duo:retrieval_bytes_per_token`` and ``duo:stock_bytes_per_token``: KV bytes per context token;
@@ -31,7 +32,7 @@ GAUGES = {
     "duo:capacity_ratio": "Context tokens DUO holds per token full attention holds at max_model_len",
 }
 INFO = "duo:pattern_info"
-INFO_LABELS = ("pattern", "model", "selection", "sink", "recent")
+INFO_LABELS = ("pattern", "model", "format", "sha256", "origin", "selection", "sink", "recent")
 
 _metrics: dict = {}
 
@@ -71,8 +72,11 @@ def publish(runtime, report) -> None:
         info.clear()
         selection = (f"sparsity {runtime.sparsity:.2f}" if runtime.sparsity is not None
                      else f"threshold {runtime.config.threshold}")
-        info.labels(pattern=str(runtime.pattern.source or runtime.pattern.model_name), model=str(runtime.pattern.model_name),
-                    selection=selection, sink=str(runtime.sink), recent=str(runtime.recent)).set(1)
+        pattern = runtime.pattern
+        info.labels(pattern=str(pattern.source or pattern.model_name), model=str(pattern.model_name),
+                    format=str(pattern.source_format or ""), sha256=str(pattern.content_hash or ""),
+                    origin=str(runtime.pattern_origin or ""), selection=selection, sink=str(runtime.sink),
+                    recent=str(runtime.recent)).set(1)
         values = figures(runtime, report)
         for name in GAUGES:  # a figure this config cannot give is NaN, never an earlier config's
             _metric(name).set(values.get(name, float("nan")))

@@ -45,6 +45,8 @@ def test_publish_sets_gauges_and_replaces_the_pattern_label(tmp_path):
     info = [line for line in generate_latest(REGISTRY).decode().splitlines() if line.startswith("duo:pattern_info{")]
     assert len(info) == 1, info
     assert 'selection="sparsity 0.75"' in info[0] and 'sink="32"' in info[0] and info[0].endswith(" 1.0")
+    assert 'format="duo-vllm-json"' in info[0] and f'sha256="{second.pattern.content_hash}"' in info[0], info[0]
+    assert len(second.pattern.content_hash) == 12
 
 
 def test_publish_never_raises(tmp_path, caplog):
