@@ -76,7 +76,7 @@ def test_longer_than_the_model_and_missing_model_are_refused(tiny_model_dirs, tm
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "b"), "--no-progress"]) == 2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3moe", "llama31"])
 def test_tiny_models_are_scored_reproducibly(tiny_model_dirs, tmp_path, family):
     cfg = dict(model=tiny_model_dirs[family], lengths=[800], samples=1, queries=32, sink=4, recent=64)
     first = score_heads(ScoreConfig(out=str(tmp_path / "a"), **cfg), progress=False)
