@@ -21,7 +21,7 @@ from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, kernel_query
 from duo_vllm.backends.gathered_streaming import (
     DuoMetadataBuilderMixin,
     DuoMetadataFields,
-    GatheredStreamingMixin,
+    GatheredStreaming,
 )
 from duo_vllm.kv_quant import SUPPORTED_KV_CACHE_DTYPES
 
@@ -39,9 +39,27 @@ class DuoAttentionMetadataBuilder(DuoMetadataBuilderMixin, CPUAttentionMetadataB
         self.num_heads = kernel_query_heads(kv_cache_spec, vllm_config)
 
 
-class DuoAttentionImpl(GatheredStreamingMixin, DuoImplMixin, CPUAttentionBackendImpl):
+class DuoAttentionImpl(DuoImplMixin, CPUAttentionBackendImpl):
+    """Retrieval heads: vLLM's CPU kernel and cache write; streaming heads: the gathered pass."""
+
     # vLLM's CPU kernel assumes contiguous query and output rows.
     kernel_takes_head_slices = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.streaming = GatheredStreaming(num_heads=self.num_heads, head_size=self.head_size, scale=self.scale,
+                                           kv_cache_dtype=self.kv_cache_dtype, sink=self.runtime.sink,
+                                           recent=self.runtime.recent)
+
+    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
+        if plan.any_retrieval:  # vLLM's own CPU cache write, for the retrieval heads only
+            heads = plan.retrieval_kv_heads
+            CPUAttentionBackendImpl.do_kv_cache_update(self, layer, key[:, heads], value[:, heads],
+                                                       kv_cache[:, :heads.numel()], slot_mapping)
+        self.streaming.write(layer, plan, key, value, streaming_cache, streaming_slots)
+
+    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
+        self.streaming.forward(layer, plan, query, out_heads, cache, metadata)
 
 
 class DuoAttentionBackend(DuoBackendMixin, CPUAttentionBackend):

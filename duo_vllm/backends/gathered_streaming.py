@@ -69,37 +69,39 @@ class DuoMetadataBuilderMixin:
         )
 
 
-class GatheredStreamingMixin:
+class GatheredStreaming:
     """Streaming heads in plain PyTorch (the CPU path): K/V gathered per request, then attended.
 
-    Decode requests (one query) go through one batched gather and attention; the others
-    (prefill chunks) per request and per chunk of at most ``QUERY_CHUNK`` queries. Needs the
-    host copies of the request layout from :class:`DuoMetadataBuilderMixin`.
+    Held by the platform's Impl as its streaming pass. Decode requests (one query) go through one
+    batched gather and attention; the others (prefill chunks) per request and per chunk of at most
+    ``QUERY_CHUNK`` queries. Needs the host copies of the request layout from
+    :class:`DuoMetadataBuilderMixin`.
     """
 
-    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
-        from duo_vllm.backends.common import DuoImplMixin
+    def __init__(self, *, num_heads: int, head_size: int, scale: float, kv_cache_dtype: str,
+                 sink: int, recent: int):
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.kv_cache_dtype, self.sink, self.recent = kv_cache_dtype, sink, recent
 
-        if plan.any_retrieval:  # the platform's own cache write, skipping DuoImplMixin's
-            heads = plan.retrieval_kv_heads
-            super(DuoImplMixin, self).do_kv_cache_update(layer, key[:, heads], value[:, heads],
-                                                         kv_cache[:, :heads.numel()], slot_mapping)
-        heads = plan.streaming_kv_heads
-        self._streaming_store(layer, streaming_cache, heads.numel()).write(key[:, heads], value[:, heads],
-                                                                           streaming_slots)
-
-    def _streaming_store(self, layer, cache: torch.Tensor, num_heads: int) -> StreamingKV:
-        # An FP8 cache (--kv-cache-dtype fp8*) holds codes in the format and rounding the
-        # platform kernel uses for the retrieval heads, with the layer's scales.
+    def store(self, layer, cache: torch.Tensor, num_heads: int) -> StreamingKV:
+        """The layer's streaming cache. An FP8 cache (--kv-cache-dtype fp8*) holds codes in the
+        format and rounding the platform kernel uses for the retrieval heads, with the layer's scales."""
         return StreamingKV(cache, self.head_size, num_heads, Fp8KV.for_layer(layer, self.kv_cache_dtype, platform_name()))
 
-    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
-        store = self._streaming_store(layer, cache, plan.streaming_kv_heads.numel())
+    def write(self, layer, plan, key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor,
+              slots: torch.Tensor) -> None:
+        """Store the streaming heads' new K/V (key/value [T, Hkv, D]) at ``slots``."""
+        heads = plan.streaming_kv_heads
+        self.store(layer, cache, heads.numel()).write(key[:, heads], value[:, heads], slots)
+
+    def forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D]."""
+        store = self.store(layer, cache, plan.streaming_kv_heads.numel())
         device = query.device
         num_tokens = out_heads.shape[0]
         q_all = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         q_heads = plan.streaming_q_heads
-        sink, recent = self.runtime.sink, self.runtime.recent
+        sink, recent = self.sink, self.recent
         block_table = metadata.block_table
         if metadata.duo_decode_reqs.numel():
             rows = metadata.duo_decode_tokens
