@@ -54,9 +54,9 @@ class DuoRuntime:
     tp_size: int = 1
     tp_rank: int = 0
     pattern_origin: str | None = None  # "the pattern option", "the model folder", "the shipped patterns"
-    # KV-layout decisions fixed at their first use in this process (the streaming block size:
-    # duo_vllm.kv_cache.spec.planned_streaming_block_size); the runtime owns them, so the layer
-    # specs and the KV report read one value.
+    # KV-layout decisions fixed at their first use per engine configuration (the streaming block
+    # size: duo_vllm.kv_cache.spec.planned_streaming_block_size); the runtime owns them, so the
+    # layer specs and the KV report read one value.
     kv_layout: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property

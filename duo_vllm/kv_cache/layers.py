@@ -25,8 +25,7 @@ COMPANION_SUFFIX = "duo_streaming"
 def streaming_spec_for_layer(vllm_config, runtime, layer_index: int, *, head_size: int,
                              head_size_v: int, dtype: torch.dtype) -> DuoStreamingSpec:
     slots = runtime.head_slots
-    block_size = planned_streaming_block_size(runtime, vllm_config.cache_config.block_size,
-                                              vllm_config.model_config.max_model_len)
+    block_size = planned_streaming_block_size(runtime, vllm_config)
     return DuoStreamingSpec(
         block_size=block_size,
         num_kv_heads=int(slots.streaming[layer_index]),

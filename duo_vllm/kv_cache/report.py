@@ -63,7 +63,7 @@ def kv_report(vllm_config, context_len: int | None = None, runtime=None,
     retrieval_heads, streaming_heads = int(slots.retrieval.sum()), int(slots.streaming.sum())
     if block_size is None:  # the engine's own layout: the value its layer specs use
         block_size = vllm_config.cache_config.block_size
-        s_block = planned_streaming_block_size(runtime, block_size, model_config.max_model_len)
+        s_block = planned_streaming_block_size(runtime, vllm_config)
     else:  # what another retrieval block size would give
         s_block = streaming_block_size(block_size, retrieval_heads, streaming_heads, sink=runtime.sink,
                                        recent=runtime.recent, max_model_len=model_config.max_model_len)

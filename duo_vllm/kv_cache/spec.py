@@ -90,17 +90,22 @@ class DuoStreamingSpec(AttentionSpec):
         )
 
 
-def planned_streaming_block_size(runtime, retrieval_block_size: int, max_model_len: int) -> int:
-    """The streaming group's block size for ``runtime``, decided by the first call and kept in
-    ``runtime.kv_layout``: after planning, vLLM's engine core sets ``cache_config.block_size`` to
-    the smallest group block size, and asking again with that must not change the streaming spec.
-    The layer specs and the KV report both read it here."""
-    if "streaming_block_size" not in runtime.kv_layout:
+def planned_streaming_block_size(runtime, vllm_config) -> int:
+    """The streaming group's block size for one engine configuration, decided by the first call
+    and kept in ``runtime.kv_layout`` under that configuration's ``cache_config``: after planning,
+    vLLM's engine core sets ``cache_config.block_size`` to the smallest group block size, and
+    asking again with that must not change the streaming spec. Another engine in the process
+    (its own ``cache_config``, maybe another block size) decides for itself. The layer specs and
+    the KV report both read it here."""
+    cache_config = vllm_config.cache_config
+    entry = runtime.kv_layout.get(id(cache_config))
+    if entry is None or entry[0] is not cache_config:  # holding the config keeps its id() unique
         slots = runtime.head_slots
-        runtime.kv_layout["streaming_block_size"] = streaming_block_size(
-            retrieval_block_size, int(slots.retrieval.sum()), int(slots.streaming.sum()),
-            sink=runtime.sink, recent=runtime.recent, max_model_len=max_model_len)
-    return runtime.kv_layout["streaming_block_size"]
+        block = streaming_block_size(
+            cache_config.block_size, int(slots.retrieval.sum()), int(slots.streaming.sum()),
+            sink=runtime.sink, recent=runtime.recent, max_model_len=vllm_config.model_config.max_model_len)
+        entry = runtime.kv_layout[id(cache_config)] = (cache_config, block)
+    return entry[1]
 
 
 def streaming_block_size(retrieval_block_size: int, retrieval_heads: int, streaming_heads: int, *,

@@ -15,7 +15,7 @@ from duo_vllm.config import DuoConfig
 from duo_vllm.kv_cache.grouping import duo_kv_cache_groups
 from duo_vllm.kv_cache.layers import layer_spec, streaming_spec_for_layer
 from duo_vllm.kv_cache.report import kv_report
-from duo_vllm.kv_cache.spec import DuoStreamingSpec, streaming_block_size
+from duo_vllm.kv_cache.spec import DuoStreamingSpec, planned_streaming_block_size, streaming_block_size
 from duo_vllm.pattern import shard_for_tensor_parallel
 from duo_vllm.runtime import DuoRuntime
 
@@ -188,6 +188,9 @@ def test_streaming_block_is_decided_once_and_shared_with_the_report():
     # an explicit block size is a what-if: computed afresh, the decision untouched
     what_if = kv_report(config, context_len=1024, runtime=runtime, block_size=4)
     assert what_if.streaming_block_size == streaming_block_size(4, 3, 5, sink=16, recent=48, max_model_len=1024)
-    assert runtime.kv_layout["streaming_block_size"] == first.block_size
-    # a new runtime decides for itself
-    assert runtime_for(mask, sink=16, recent=48).kv_layout == {}
+    assert planned_streaming_block_size(runtime, config) == first.block_size
+    # another engine configuration in the process (same runtime, its own cache_config) decides for itself
+    other = fake_vllm_config(block_size=4, max_model_len=1024)
+    assert planned_streaming_block_size(runtime, other) == streaming_block_size(4, 3, 5, sink=16, recent=48,
+                                                                                max_model_len=1024)
+    assert kv_report(other, context_len=1024, runtime=runtime).block_size == 4
