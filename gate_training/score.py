@@ -238,6 +238,10 @@ def score_and_export(cfg: ScoreConfig, *, progress: bool = True) -> Path:
     from gate_training.export import device_name, export_pattern, gate_stats, versions
     from gate_training.preflight import describe_model
 
+    if cfg.compare:  # a wrong path fails now, not after the scoring pass
+        from duo_vllm.pattern_io import load_pattern
+
+        load_pattern(cfg.compare)
     result = score_heads(cfg, progress=progress)
     gates = result["gates"].astype(np.float32)
     provenance = {

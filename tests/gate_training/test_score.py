@@ -109,6 +109,12 @@ def test_smollm2_scores_agree_with_its_trained_pattern(smollm2, tmp_path, capsys
         agreement(pattern.gates[:2], SHIPPED_SMOLLM2, 0.5)
 
 
+def test_bad_compare_path_fails_before_scoring(smollm2, tmp_path, capsys):
+    code = main([smollm2, "--out", str(tmp_path / "o"), "--compare", str(tmp_path / "nowhere"), "--no-progress"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_entry_dispatches_score(tmp_path, capsys):
     from gate_training.__main__ import main as cli
 
