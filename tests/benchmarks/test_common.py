@@ -206,15 +206,16 @@ def test_script_help(script):
 
 
 def test_engine_environment_fills_defaults_and_keeps_the_users(monkeypatch):
-    import _common
-
-    for key in _common.ENGINE_ENVIRONMENT:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("VLLM_HOST_IP", "10.0.0.7")
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    _common.set_engine_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     import os
 
-    assert os.environ["VLLM_HOST_IP"] == "10.0.0.7"
-    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    import _common
+
+    # A private copy of the environment: setting the real one here would leak into every later
+    # test of the session (VLLM_ENABLE_V1_MULTIPROCESSING=0 runs their engines in-process).
+    keys = set(_common.ENGINE_ENVIRONMENT) | {"VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env = {k: v for k, v in os.environ.items() if k not in keys} | {"VLLM_HOST_IP": "10.0.0.7"}
+    monkeypatch.setattr(os, "environ", env)
+    _common.set_engine_environment(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert env["VLLM_HOST_IP"] == "10.0.0.7"
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
