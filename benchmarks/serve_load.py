@@ -28,6 +28,9 @@ every few seconds.
     python benchmarks/serve_load.py --backend stock --duration 300 --out OUT   # stock vLLM, same load
     python benchmarks/serve_load.py --plot OUT/serve_load.json
 
+The request mix and its clients live in ``_load_mix.py``, the server and its figures in
+``_load_server.py``; this script runs the load and reports it.
+
 Exit status 1 when any request got a 5xx or was lost, a probe differed, the pool did not drain, or the
 server's resident memory grew more than --max-rss-growth (10%) from start to end.
 """
@@ -38,299 +41,30 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _plots import save_png, subplots  # noqa: E402
+# The script's libraries (tests import engine_figures, idle, read_metrics and verdict from here).
+from _load_mix import Tally, Workload, probe_text, run_one
+from _load_server import (
+    engine_figures,
+    idle,
+    read_metrics,
+    server_rss_by_process,
+    server_rss_mib,
+    start_server,
+    stop_server,
+    wait_idle,
+)
+from _plots import save_png, subplots
 
-KINDS = {  # kind -> weight in the mix
-    "long": 3, "short": 4, "chat": 3, "stream": 2, "n2": 1, "seeded": 2, "multiturn": 2,
-    "disconnect": 1, "abort": 1, "probe": 2,
-}
-PROBES = 4  # fixed greedy prompts, half short, half long
-MAX_TOKENS = 24
 SAMPLE_EVERY_S = 2.0
 
 
-@dataclass
-class Tally:
-    sent: int = 0
-    outcomes: dict = field(default_factory=lambda: {k: 0 for k in ("completed", "aborted", "4xx", "5xx", "lost")})
-    by_kind: dict = field(default_factory=dict)
-    probe_mismatches: list = field(default_factory=list)
-    errors: list = field(default_factory=list)  # first few 5xx / lost, for the report
-
-    def record(self, kind: str, outcome: str, detail: str = "") -> None:
-        self.outcomes[outcome] += 1
-        self.by_kind.setdefault(kind, {}).setdefault(outcome, 0)
-        self.by_kind[kind][outcome] += 1
-        if outcome in ("5xx", "lost") and len(self.errors) < 20:
-            self.errors.append(f"{kind}: {detail}")
-
-
-# ---------------------------------------------------------------- server and its figures
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    duo = {"duo": json.loads(args.duo)}
-    backend = ["--attention-backend", "DUO", "--additional-config", json.dumps(duo)] if args.backend == "duo" else []
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *backend, "--dtype", args.dtype, "--enforce-eager",
-           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
-           "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes), "--host", "127.0.0.1",
-           "--port", str(port), "--seed", "0"]
-    env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # set, it would override --kv-cache-memory-bytes on CPU
-    if args.onednn_primitive_cache is not None:
-        # vLLM-CPU's GEMMs leave one JIT-compiled oneDNN primitive per distinct batch size in oneDNN's
-        # process-wide cache (1,024 by default, about 0.6 MiB each on SmolLM2); each layer's own
-        # 32-entry cache still keeps the hot sizes, so a small global cache keeps the worker flat.
-        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_primitive_cache)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"vllm serve exited with {proc.returncode} during start-up; log: {log_path}")
-        try:
-            with urllib.request.urlopen(root + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, root + "/v1"
-        except OSError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise SystemExit(f"vllm serve not healthy after {args.start_timeout:.0f} s; log: {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> int | None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
-
-
-def server_rss_mib(pid: int | None) -> float | None:
-    """Resident memory of the server and every process it started."""
-    by_process = server_rss_by_process(pid)
-    return None if by_process is None else round(sum(by_process.values()), 1)
-
-
-def server_rss_by_process(pid: int | None) -> dict[str, float] | None:
-    """Resident MiB of the server's processes by name (API server, engine core, worker)."""
-    if pid is None:
-        return None
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return None
-    out: dict[str, float] = {}
-    for p in procs:
-        try:
-            name = "api_server" if p.pid == pid else p.name()
-            out[name] = round(out.get(name, 0.0) + p.memory_info().rss / 2**20, 1)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def read_metrics(root: str) -> dict[str, float]:
-    """Prometheus text of ``/metrics``: unlabelled-or-summed value per metric name."""
-    with urllib.request.urlopen(root + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            values[name] = values.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return values
-
-
-def engine_figures(root: str) -> dict:
-    m = read_metrics(root)
-    pick = {k: m.get(k) for k in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
-                                  "vllm:num_requests_waiting", "vllm:num_preemptions_total")}
-    pick.update({k: v for k, v in m.items() if k.startswith("duo:")})
-    return pick
-
-
-def idle(figures: dict) -> bool:
-    """Nothing running or waiting, and every KV block back in the pool."""
-    return not (figures["vllm:num_requests_running"] or figures["vllm:num_requests_waiting"]
-                or figures["vllm:kv_cache_usage_perc"])
-
-
-async def wait_idle(root: str, timeout: float) -> dict:
-    """Figures once nothing runs or waits (vLLM publishes its stats every few seconds)."""
-    deadline = time.monotonic() + timeout
-    figures = engine_figures(root)
-    while time.monotonic() < deadline:
-        figures = engine_figures(root)
-        if idle(figures):
-            break
-        await asyncio.sleep(1.0)
-    return figures
-
-
-# ---------------------------------------------------------------- workload
-
-
-class Workload:
-    """Seeded request specs over natural text (token ids, so prompt lengths are exact)."""
-
-    def __init__(self, tokenizer, max_model_len: int, seed: int):
-        from duo_vllm.testing.haystack import encoded_text
-
-        self.rng = random.Random(seed)
-        self.corpus = encoded_text(tokenizer)
-        self.tokenizer = tokenizer
-        self.long_len = max_model_len - MAX_TOKENS - 8
-        # shared by every multi-turn conversation: a quarter of the context, so 3 turns still fit
-        self.system = tokenizer.decode(self.corpus[:max_model_len // 4])
-        self.probes = [self.tokens(n, offset=97 * i) for i, n in
-                       enumerate([24, 200] + [self.long_len] * (PROBES - 2))]
-        self.kinds = [k for k, w in KINDS.items() for _ in range(w)]
-
-    def tokens(self, n: int, offset: int | None = None) -> list[int]:
-        start = self.rng.randrange(0, len(self.corpus) - n) if offset is None else offset
-        return list(self.corpus[start:start + n])
-
-    def text(self, n: int) -> str:
-        return self.tokenizer.decode(self.tokens(n))
-
-    def next(self) -> tuple[str, dict]:
-        kind = self.rng.choice(self.kinds)
-        r = self.rng
-        spec = {"max_tokens": r.randint(4, MAX_TOKENS)}
-        if kind == "long":
-            spec["prompt"] = self.tokens(self.long_len)
-        elif kind in ("short", "n2", "seeded", "stream", "disconnect", "abort"):
-            spec["prompt"] = self.tokens(r.randint(16, 256) if kind != "abort" else r.randint(256, self.long_len))
-        elif kind in ("chat", "multiturn"):
-            spec["question"] = self.text(r.randint(8, 64))
-            spec["stream"] = r.random() < 0.5
-        if kind == "seeded":
-            spec["seed"] = r.randrange(2**31)
-        if kind == "abort":
-            spec["give_up_s"] = r.uniform(0.3, 2.0)
-        if kind == "disconnect":
-            spec["chunks"] = r.randint(1, 3)
-            spec["max_tokens"] = MAX_TOKENS
-        if kind == "probe":
-            spec = {"probe": r.randrange(len(self.probes))}
-        return kind, spec
-
-
-# ---------------------------------------------------------------- clients
-
-
-async def probe_text(client, model: str, prompt: list[int]) -> str:
-    r = await client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
-    return r.choices[0].text
-
-
-async def run_one(client, model: str, kind: str, spec: dict, work: Workload, reference: list[str]) -> tuple[str, str]:
-    """(outcome, detail) of one request."""
-    import openai
-
-    try:
-        if kind == "probe":
-            text = await probe_text(client, model, work.probes[spec["probe"]])
-            if text != reference[spec["probe"]]:
-                return "completed", f"MISMATCH probe {spec['probe']}: {text!r} vs {reference[spec['probe']]!r}"
-            return "completed", ""
-        if kind == "abort":
-            try:
-                await asyncio.wait_for(client.completions.create(
-                    model=model, prompt=spec["prompt"], max_tokens=spec["max_tokens"], temperature=0),
-                    timeout=spec["give_up_s"])
-                return "completed", ""
-            except (asyncio.TimeoutError, openai.APITimeoutError):
-                return "aborted", ""
-        if kind == "disconnect":
-            stream = await client.completions.create(model=model, prompt=spec["prompt"], stream=True,
-                                                     max_tokens=spec["max_tokens"], temperature=0.8,
-                                                     extra_body={"ignore_eos": True})
-            got = 0
-            async for _ in stream:
-                got += 1
-                if got >= spec["chunks"]:
-                    break
-            await stream.close()
-            return "aborted", ""
-        if kind in ("chat", "multiturn"):
-            return await chat(client, model, kind, spec, work)
-        params = dict(model=model, prompt=spec["prompt"], max_tokens=spec["max_tokens"])
-        if kind == "stream":
-            stream = await client.completions.create(stream=True, temperature=0.7, **params)
-            finish = None
-            async for chunk in stream:
-                finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-            return ("completed", "") if finish in ("stop", "length") else ("lost", "stream ended without a finish reason")
-        extra = {"n": 2, "temperature": 0.9} if kind == "n2" else {"temperature": 1.0, "seed": spec["seed"]} \
-            if kind == "seeded" else {"temperature": 0}
-        r = await client.completions.create(**params, **extra)
-        want = extra.get("n", 1)
-        if len(r.choices) != want or any(c.finish_reason not in ("stop", "length") for c in r.choices):
-            return "lost", f"{len(r.choices)} choices, finish {[c.finish_reason for c in r.choices]}"
-        return "completed", ""
-    except openai.APIStatusError as exc:
-        return ("5xx" if exc.status_code >= 500 else "4xx"), f"{exc.status_code} {str(exc)[:200]}"
-    except Exception as exc:  # noqa: BLE001 - every other end is a lost request, reported
-        return "lost", f"{type(exc).__name__}: {str(exc)[:200]}"
-
-
-async def chat(client, model: str, kind: str, spec: dict, work: Workload) -> tuple[str, str]:
-    messages = [{"role": "system", "content": work.system}] if kind == "multiturn" else []
-    turns = 3 if kind == "multiturn" else 1
-    for turn in range(turns):
-        messages.append({"role": "user", "content": spec["question"] if turn == 0 else work.text(16)})
-        if spec["stream"]:
-            stream = await client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                          max_tokens=spec["max_tokens"], temperature=0.7)
-            parts, finish = [], None
-            async for chunk in stream:
-                if chunk.choices:
-                    parts.append(chunk.choices[0].delta.content or "")
-                    finish = chunk.choices[0].finish_reason or finish
-            text = "".join(parts)
-        else:
-            r = await client.chat.completions.create(model=model, messages=messages,
-                                                     max_tokens=spec["max_tokens"], temperature=0.7)
-            text, finish = r.choices[0].message.content or "", r.choices[0].finish_reason
-        if finish not in ("stop", "length"):
-            return "lost", f"chat turn {turn} finish {finish!r}"
-        messages.append({"role": "assistant", "content": text})
-    return "completed", ""
+# ---------------------------------------------------------------- the run
 
 
 async def load(base_url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
@@ -393,6 +127,9 @@ async def load(base_url: str, args: argparse.Namespace, server_pid: int | None) 
         "rss_mib_by_process_start": by_process_start, "rss_mib_by_process_end": server_rss_by_process(server_pid),
         "timeline": timeline,
     }
+
+
+# ---------------------------------------------------------------- the report
 
 
 def verdict(r: dict) -> list[str]:

@@ -47,9 +47,9 @@ __all__ = [
     "STREAMING_IMPLS",
     "GateState",
     "attention_modules",
+    "gated_attention_forward",
     "install_gates",
     "lambda_mask",
-    "gated_attention_forward",
 ]
 
 
@@ -73,27 +73,51 @@ def _lambda_mask_mod(sink: int, recent: int):
 
 
 _COMPILED_FLEX = None
+FLEX_RECOMPILE_LIMIT = 256  # dynamo's recompile_limit while the compiled flex_attention runs
+
+
+def _raised_recompile_limits():
+    """A context raising dynamo's recompile limits (never lowering them) while it is open.
+
+    Scoped to the compiled flex call so the user's other compiled code keeps its own limits;
+    both limits are read at run time (``compile_ignored``), so patching them per call neither
+    recompiles nor costs more than a dict update. Limits this torch lacks are left out.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limits = {}
+    if hasattr(config, "recompile_limit"):
+        limits["recompile_limit"] = max(config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    if hasattr(config, "accumulated_recompile_limit"):
+        limits["accumulated_recompile_limit"] = max(
+            config.accumulated_recompile_limit, 4 * limits.get("recompile_limit", FLEX_RECOMPILE_LIMIT)
+        )
+    return config.patch(**limits)
 
 
 def _flex_attention():
-    """``flex_attention`` compiled once per process (uncompiled it materialises the scores)."""
+    """``flex_attention`` compiled once per process (uncompiled it materialises the scores).
+
+    Compiled for dynamic lengths: every training sample has its own context length, and a static
+    graph per length recompiled on every step (measured on an H100: ~6 s/step for Qwen2.5-0.5B,
+    almost all of it compiling). Each call runs under raised recompile limits
+    (:func:`_raised_recompile_limits`), covering the few graphs dynamo still specialises (e.g.
+    lengths 0/1 or divisibility guards).
+    """
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        # Compiled for dynamic lengths: every training sample has its own context length, and a
-        # static graph per length recompiled on every step (measured on an H100: ~6 s/step for
-        # Qwen2.5-0.5B, almost all of it compiling). The raised limit covers the few graphs that
-        # dynamo still specialises (e.g. lengths 0/1 or divisibility guards).
-        import torch._dynamo
+        compiled = torch.compile(flex_attention, dynamic=True)
 
-        limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 256)
-        torch._dynamo.config.recompile_limit = limit
-        if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4 * limit
-            )
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        def flex_with_raised_limits(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced into a caller's graph: its limits apply
+                return compiled(*args, **kwargs)
+            with _raised_recompile_limits():
+                return compiled(*args, **kwargs)
+
+        _COMPILED_FLEX = flex_with_raised_limits
     return _COMPILED_FLEX
 
 

@@ -29,15 +29,25 @@ from duo_vllm.vllm_support import platform_name
 
 
 def check_supported(*, alibi_slopes, sliding_window, sinks, logits_soft_cap, attn_type, kv_cache_dtype) -> None:
+    """The layer-time check of a DUO Impl.
+
+    ALiBi slopes and logit soft-capping never reach vLLM's ``validate_configuration`` (its
+    selector config does not carry them), so only this check sees them. Sinks, sliding windows
+    and the attention type are declared on :class:`DuoBackendMixin`; vLLM checks those before the
+    layer is built on CUDA, but its CPU platform never validates the selected backend (and DUO's
+    patch, ``duo_vllm.patches.cpu_platform_backend``, only routes to it), so they are checked
+    here again from those same declarations. The KV-cache dtype is refused in the front end
+    (``duo_vllm.patches.engine_config_validation``); this covers engines built without EngineArgs.
+    """
     dtype_error = kv_cache_dtype_error(kv_cache_dtype, platform_name(), get_current_vllm_config().model_config.dtype)
     if dtype_error:
         raise ValueError(dtype_error)
     unsupported = {
         "ALiBi slopes": alibi_slopes is not None,
-        "a sliding window": sliding_window is not None,
-        "learned attention sinks": sinks is not None,
+        "a sliding window": sliding_window is not None and not DuoBackendMixin.supports_sliding_window(),
+        "learned attention sinks": sinks is not None and not DuoBackendMixin.supports_sink(),
         "logit soft-capping": bool(logits_soft_cap),
-        f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        f"attention type {attn_type}": not DuoBackendMixin.supports_attn_type(attn_type),
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
@@ -71,8 +81,15 @@ class DuoBackendMixin:
     def get_builder_cls(cls) -> type:
         return cls.builder_cls
 
+    # What DUO serves, declared for vLLM's validate_configuration (run before any layer is built
+    # on CUDA; check_supported reads the same declarations on CPU, where vLLM never validates).
     @classmethod
     def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        # Learned per-head sink logits (gpt-oss): DUO's streaming pass has no term for them.
         return False
 
     @classmethod
@@ -97,12 +114,19 @@ class DuoBackendMixin:
         """vLLM's reasons, with DUO's own words where a generic one would leave the user guessing."""
         reasons = super().validate_configuration(**kwargs)
         kv_cache_dtype = kwargs.get("kv_cache_dtype")
+        attn_type = kwargs.get("attn_type")
         better = {
             "kv_cache_dtype not supported": kv_cache_dtype_error(kv_cache_dtype, platform_name())
             or (f"--kv-cache-dtype {kv_cache_dtype} needs FlashAttention 3 (Hopper GPUs) for DUO's "
                 "retrieval heads on this GPU; use --kv-cache-dtype auto"),
             "per-head quant scales not supported": "this checkpoint's per-head KV-cache scales are not "
             "supported by DUO (per-tensor FP8 scales only); serve it with --kv-cache-dtype auto",
+            "attention sinks not supported": "this model's learned attention sinks are not supported by DUO "
+            "(its streaming heads keep the first tokens as sinks instead); serve it without --attention-backend DUO",
+            "sliding window not supported": "this model's sliding-window attention layers are not supported by "
+            "DUO; serve it without --attention-backend DUO",
+            f"attention type {attn_type} not supported": f"DUO serves decoder self-attention only, not attention "
+            f"type {attn_type}; serve this model without --attention-backend DUO",
         }
         return [better.get(reason, reason) for reason in reasons]
 

@@ -19,7 +19,6 @@ import math
 from typing import ClassVar
 
 import torch
-
 from vllm.config import get_current_vllm_config
 from vllm.utils.torch_utils import aux_stream, current_stream
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
@@ -33,7 +32,6 @@ from duo_vllm.backends.common import DuoBackendMixin, DuoImplMixin, kernel_query
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
 from duo_vllm.kv_quant import SUPPORTED_KV_CACHE_DTYPES, fp8_dtype
 from duo_vllm.ops.triton_streaming import lambda_paged_attention, store_kv_heads
-
 
 MAX_FA3_SPLITS = 128  # FA3's own cap on split-KV decode
 
@@ -85,7 +83,50 @@ class DuoAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         return False
 
 
+class TritonStreaming:
+    """Streaming heads on the GPU (``duo_vllm.ops.triton_streaming``): held by the Impl as its
+    streaming pass. Both kernels read everything from device tensors, so they run inside CUDA graphs.
+
+    With an FP8 KV cache (vLLM allocates it as bytes) the pages are viewed as their FP8 dtype;
+    the kernels then read and write e4m3 codes with the layer's per-tensor k/v scales.
+    """
+
+    def __init__(self, *, num_heads: int, head_size: int, scale: float, kv_cache_dtype: str,
+                 sink: int, recent: int):
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.sink, self.recent = sink, recent
+        self.fp8 = fp8_dtype(kv_cache_dtype)
+
+    def pages(self, cache: torch.Tensor) -> torch.Tensor:
+        """A cache as the kernels read it: FP8 caches are allocated as bytes."""
+        return cache if self.fp8 is None else cache.view(self.fp8)
+
+    def write(self, layer, plan, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+              slot_mapping: torch.Tensor, streaming_cache: torch.Tensor, streaming_slots: torch.Tensor) -> None:
+        """Store a layer's new K/V (key/value [T, Hkv, D]): retrieval heads in ``kv_cache`` at
+        ``slot_mapping``, streaming heads in ``streaming_cache`` at ``streaming_slots``, in one
+        launch (FLASH_ATTN's own write would need the retrieval heads copied out of key/value first)."""
+        store_kv_heads(key, value, [(plan.retrieval_kv_heads, self.pages(kv_cache), slot_mapping),
+                                    (plan.streaming_kv_heads, self.pages(streaming_cache), streaming_slots)],
+                       k_scale=layer._k_scale, v_scale=layer._v_scale)
+
+    def forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
+        """Write the streaming heads' Λ-masked attention into ``out_heads`` [T, Hq, D], one launch
+        for the batch over the streaming group's block table (``metadata``: FLASH_ATTN's)."""
+        num_tokens = out_heads.shape[0]
+        lambda_paged_attention(
+            query[:num_tokens].view(num_tokens, self.num_heads, self.head_size), out_heads, self.pages(cache),
+            metadata.block_table, metadata.query_start_loc, metadata.seq_lens, metadata.max_query_len,
+            plan.streaming_q_heads, num_kv_heads=plan.streaming_kv_heads.numel(),
+            sink=self.sink, recent=self.recent, scale=self.scale,
+            q_scale=layer._q_scale, k_scale=layer._k_scale, v_scale=layer._v_scale,
+        )
+
+
 class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
+    """Retrieval heads: FLASH_ATTN's kernel (FA3) on their own head counts; streaming heads and
+    both caches' K/V store: the Triton pass."""
+
     # FlashAttention takes q and out with any row and head strides (last dim contiguous).
     kernel_takes_head_slices = True
 
@@ -98,7 +139,9 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         self._side_stream = aux_stream() if overlap else None
         if self._side_stream is not None:
             self._inputs_ready, self._streaming_done = torch.cuda.Event(), torch.cuda.Event()
-        self._fp8 = fp8_dtype(self.kv_cache_dtype)
+        self.streaming = TritonStreaming(num_heads=self.num_heads, head_size=self.head_size, scale=self.scale,
+                                         kv_cache_dtype=self.kv_cache_dtype, sink=self.runtime.sink,
+                                         recent=self.runtime.recent)
         self._retrieval_kernels: dict[int, FlashAttentionImpl] = {}
 
     def run_both(self, retrieval, streaming) -> None:
@@ -124,10 +167,6 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         retrieval()
         self._streaming_done.wait(main)
 
-    def _pages(self, cache: torch.Tensor) -> torch.Tensor:
-        """A cache as the kernels read it: FP8 caches are allocated as bytes."""
-        return cache if self._fp8 is None else cache.view(self._fp8)
-
     def retrieval_kernel_forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale) -> None:
         # FLASH_ATTN sizes its FP8 descales by the impl's KV head count, so the retrieval heads
@@ -141,21 +180,10 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         kernel.forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
 
     def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
-        # One launch for both caches (FLASH_ATTN's own write would need the retrieval heads
-        # copied out of key/value first).
-        store_kv_heads(key, value, [(plan.retrieval_kv_heads, self._pages(kv_cache), slot_mapping),
-                                    (plan.streaming_kv_heads, self._pages(streaming_cache), streaming_slots)],
-                       k_scale=layer._k_scale, v_scale=layer._v_scale)
+        self.streaming.write(layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots)
 
     def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
-        num_tokens = out_heads.shape[0]
-        lambda_paged_attention(
-            query[:num_tokens].view(num_tokens, self.num_heads, self.head_size), out_heads, self._pages(cache),
-            metadata.block_table, metadata.query_start_loc, metadata.seq_lens, metadata.max_query_len,
-            plan.streaming_q_heads, num_kv_heads=plan.streaming_kv_heads.numel(),
-            sink=self.runtime.sink, recent=self.runtime.recent, scale=self.scale,
-            q_scale=layer._q_scale, k_scale=layer._k_scale, v_scale=layer._v_scale,
-        )
+        self.streaming.forward(layer, plan, query, out_heads, cache, metadata)
 
 
 class DuoAttentionBackend(DuoBackendMixin, FlashAttentionBackend):

@@ -49,9 +49,10 @@ def _wrap_attention() -> None:
     def wrap_init(original_init):
         def __init__(self, *args, **kwargs):
             original_init(self, *args, **kwargs)
-            self.duo_streaming_layer_name = None
             if not is_duo_layer(self):
-                return
+                return  # other backends' layers stay exactly as vLLM builds them
+            # Where this DUO layer's streaming heads are cached (read by DuoImplMixin); None: nowhere.
+            self.duo_streaming_layer_name = None
             scheme = getattr(getattr(self, "quant_config", None), "kv_cache_scheme", None) or {}
             if scheme.get("strategy") == "attn_head":
                 raise ValueError(

@@ -118,7 +118,7 @@ def test_flex_streaming_matches_sdpa():
         state = GateState(gates=torch.nn.Parameter(alpha.clone()), sink=4, recent=24, streaming_impl=impl)
         try:
             outs[impl], _ = gated_attention_forward(_Module(state), q, k, v, None, scaling=0.25)
-        except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler on CPU
+        except Exception as exc:
             if impl == "flex":
                 pytest.skip(f"flex_attention cannot compile on this CPU: {type(exc).__name__}")
             raise
@@ -158,3 +158,28 @@ def test_model_families_route_through_gates(family):
         streaming = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(zeros, streaming, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(half, ones) and not torch.allclose(half, zeros)
+
+
+def test_flex_raises_recompile_limits_only_during_its_call():
+    """The compiled flex path needs more recompiles than dynamo's default; the raised limits apply
+    to its own calls only, so a user's other compiled code keeps theirs."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo
+
+    from gate_training import gated_attention
+
+    config = torch._dynamo.config
+    before = (config.recompile_limit, config.accumulated_recompile_limit)
+    with gated_attention._raised_recompile_limits():
+        assert config.recompile_limit >= gated_attention.FLEX_RECOMPILE_LIMIT
+        assert config.accumulated_recompile_limit >= 4 * gated_attention.FLEX_RECOMPILE_LIMIT
+    assert (config.recompile_limit, config.accumulated_recompile_limit) == before
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(1, 6, 150, 16, generator=gen), torch.randn(1, 2, 150, 16, generator=gen)
+    state = GateState(gates=torch.nn.Parameter(torch.rand(1, 2, generator=gen)), sink=4, recent=24,
+                      streaming_impl="flex")
+    try:
+        gated_attention_forward(_Module(state), q, k, k, None, scaling=0.25)
+    except Exception as exc:
+        pytest.skip(f"flex_attention cannot compile on this CPU: {type(exc).__name__}")
+    assert (config.recompile_limit, config.accumulated_recompile_limit) == before

@@ -9,18 +9,64 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def offline_llm(model: str, **kwargs) -> Iterator["vllm.LLM"]:  # noqa: F821
+def offline_llm(model: str, *, in_process: bool = True, **kwargs) -> Iterator["vllm.LLM"]:  # noqa: F821
+    """An offline engine for one test module, shut down on exit.
+
+    ``in_process`` (the default) runs it under :func:`in_process_engines`. Tests that need vLLM's
+    own processes (tensor parallelism, numba-based n-gram speculation) pass ``in_process=False``;
+    the server tests and ``tests/test_stock_vllm.py`` keep the plugin covered in spawned processes.
+    """
     from vllm import LLM
 
-    llm = LLM(model=model, **kwargs)
+    with in_process_engines() if in_process else _nothing():
+        if in_process:
+            kwargs.setdefault("distributed_executor_backend", "uni")
+        llm = LLM(model=model, **kwargs)
+        try:
+            yield llm
+        finally:
+            # vLLM 0.32's LLM has no shutdown(); its engine-core client does. The CPU worker takes a
+            # few seconds to exit, so give it more than the default 5 s grace.
+            llm.llm_engine.engine_core.shutdown(timeout=30)
+            del llm
+            gc.collect()
+
+
+@contextmanager
+def in_process_engines() -> Iterator[None]:
+    """vLLM engines started inside this block run in the test process: engine core in-process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); pass ``distributed_executor_backend="uni"`` for the
+    worker. On our 2-core machines an engine then starts in ~3 s instead of ~30 s, most of which
+    went to two spawned processes importing torch and vLLM.
+
+    What such engines leave behind in the process is undone on exit, so the next engine or
+    reference computation starts clean: vLLM's distributed groups, and ``torch.set_num_threads``,
+    which vLLM's CPU worker replaces process-wide with a no-op after binding its threads.
+    """
+    import os
+
+    import torch
+
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        yield llm
+        yield
     finally:
-        # vLLM 0.32's LLM has no shutdown(); its engine-core client does. The CPU worker takes a
-        # few seconds to exit, so give it more than the default 5 s grace.
-        llm.llm_engine.engine_core.shutdown(timeout=30)
-        del llm
-        gc.collect()
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def greedy_tokens(llm, prompts, max_tokens: int) -> list[list[int]]:

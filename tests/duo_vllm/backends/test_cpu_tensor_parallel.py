@@ -51,7 +51,8 @@ def setup(qwen, tmp_path_factory):
 
 
 def duo_tokens(model, prompts, options, tp: int) -> list[list[int]]:
-    with offline_llm(model, attention_backend="DUO", additional_config=options, tensor_parallel_size=tp,
+    # Two ranks need vLLM's worker processes; one rank runs in-process.
+    with offline_llm(model, in_process=tp == 1, attention_backend="DUO", additional_config=options, tensor_parallel_size=tp,
                      dtype="float32", enforce_eager=True, max_model_len=2048, max_num_seqs=4, seed=0) as llm:
         return greedy_tokens(llm, prompts, NEW_TOKENS)
 

@@ -174,3 +174,55 @@ def test_pipeline_parallelism_is_refused_before_any_engine_starts(smollm2, good_
             pipeline_parallel_size=2, distributed_executor_backend="mp",
             additional_config={"duo": {"pattern": good_pattern}})
     assert "pipeline parallelism" in str(info.value) and "\n" not in str(info.value).strip()
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_backend_declares_what_vllm_validates_in_duos_words(platform):
+    """Sinks, sliding windows and other attention types are declared unsupported on the backend
+    class, so vLLM's validate_configuration (run on CUDA before any layer is built) refuses them,
+    each reason in DUO's words. Class-level: no engine."""
+    import importlib
+
+    import torch
+    from vllm.platforms.interface import DeviceCapability
+
+    backend = importlib.import_module(f"duo_vllm.backends.{platform}").DuoAttentionBackend
+    assert not backend.supports_sink() and not backend.supports_sliding_window()
+    assert not backend.supports_attn_type("encoder_only") and backend.supports_attn_type("decoder")
+    reasons = backend.validate_configuration(
+        head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None, use_mla=False, has_sink=True,
+        use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+        device_capability=DeviceCapability(9, 0), attn_type="encoder_only", has_sliding_window=True)
+    for generic in ("attention sinks not supported", "sliding window not supported",
+                    "attention type encoder_only not supported"):
+        assert generic not in reasons, reasons
+    text = " | ".join(reasons)
+    for duo in ("learned attention sinks are not supported by DUO",
+                "sliding-window attention layers are not supported by DUO",
+                "DUO serves decoder self-attention only, not attention type encoder_only"):
+        assert duo in text, text
+    assert "serve it without --attention-backend DUO" in text
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ({"sinks": [0.0, 0.0, 0.0]}, "learned attention sinks"),  # only whether the layer has them counts
+    ({"sliding_window": 128}, "a sliding window"),
+    ({"attn_type": "encoder_only"}, "attention type encoder_only"),
+    ({"alibi_slopes": [0.5]}, "ALiBi slopes"),
+    ({"logits_soft_cap": 30.0}, "logit soft-capping"),
+])
+def test_impl_refuses_what_vllm_never_validates_on_cpu(setting, named, monkeypatch):
+    """vLLM's CPU platform never runs validate_configuration for a selected backend, and vLLM's
+    selector never sees ALiBi or soft-capping on any platform: the Impl-time check names each
+    (and passes the same layer without it). No engine."""
+    from vllm.v1.attention.backend import AttentionType
+
+    from duo_vllm.backends import common
+
+    monkeypatch.setattr(common, "get_current_vllm_config",
+                        lambda: SimpleNamespace(model_config=SimpleNamespace(dtype=None)))
+    args = {"alibi_slopes": None, "sliding_window": None, "sinks": None, "logits_soft_cap": None,
+            "attn_type": AttentionType.DECODER, "kv_cache_dtype": "auto"} | setting
+    with pytest.raises(ValueError, match=f"does not support {named};"):
+        common.check_supported(**args)
+    common.check_supported(**(args | {k: None for k in setting} | {"attn_type": AttentionType.DECODER}))

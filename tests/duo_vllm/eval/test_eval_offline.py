@@ -6,13 +6,21 @@ import json
 import pytest
 
 from duo_vllm.eval.cli import main
+from tests.helpers.llm import in_process_engines
 
 pytestmark = pytest.mark.slow
 
 DUO = '{"sparsity": 0.5, "sink": 16, "recent": 64}'
 ARGS = ["needle,multikey,vartrack,control", "--backends", "stock,duo,streaming", "--lengths", "1K",
         "--depths", "3", "--samples", "1", "--control-length", "512", "--duo", DUO,
-        "--engine-args", '{"dtype": "float32", "enforce_eager": true}']
+        "--engine-args", '{"dtype": "float32", "enforce_eager": true, "distributed_executor_backend": "uni"}']
+
+
+@pytest.fixture(autouse=True)
+def _engines_in_process():
+    # The CLI's three engines one after another inside the test process (~3 s each to start, not ~30).
+    with in_process_engines():
+        yield
 
 
 def test_offline_eval_stock_duo_streaming(smollm2, tmp_path, capsys):

@@ -223,7 +223,7 @@ def test_preemption_and_recompute_give_the_same_tokens(smollm2, pattern, smollm2
 
 
 def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_tokenizer):
-    """500 requests of mixed lengths, some sharing a prefix, some aborted mid-flight, prefix
+    """200 requests of mixed lengths, some sharing a prefix, some aborted mid-flight, prefix
     caching on: the free block count returns to its start. A small block, sink and window make
     short prompts free gap blocks, so every manager path runs."""
     from vllm import SamplingParams
@@ -237,7 +237,7 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
         rng = random.Random(0)
         shared = haystack_tokens(smollm2_tokenizer, 200, offset=777)
         pending = []
-        for i in range(500):
+        for i in range(200):
             ids = haystack_tokens(smollm2_tokenizer, rng.choice([3, 20, 60, 150, 300]),
                                   offset=rng.randrange(50_000))
             if rng.random() < 0.3:
@@ -260,7 +260,7 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
             steps += 1
             assert steps < 20_000
         free_at_end = pool.get_num_free_blocks()
-    assert aborted > 50
+    assert aborted > 20
     assert free_at_end == free_at_start
 
 
