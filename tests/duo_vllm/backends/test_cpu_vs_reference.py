@@ -1,6 +1,7 @@
 """DUO in vLLM (CPU) against the plain-torch DuoAttention reference on the real model.
 
-A 50% pattern with a small sink/window (16/64) on prompts of 1-4K tokens: vLLM's next-token
+A 50% pattern with a small sink/window (16/64) on prompts of 0.6-2.5K tokens (up to 39 windows
+long: past the first window the streaming heads' view no longer depends on length): vLLM's next-token
 log-probabilities at every prompt position match a Hugging Face run of the same model whose
 attention is ``duo_vllm.reference`` (fp32 both sides), and greedy generations agree for 32 tokens.
 Chunked prefill (128-token steps) and prefix-cache hits give the tokens of one-shot prefill, for
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 SINK, RECENT, SPARSITY = 16, 64, 0.5
 NEW_TOKENS = 32
-LENGTHS = (1024, 2500, 4000)
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=4200, seed=0)
+LENGTHS = (600, 1300, 2500)
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2600, seed=0)
 LOGPROB_ATOL = 2e-2
 SEEDS = (11, 12, 11)  # per prompt; sampled at temperature 1
 
