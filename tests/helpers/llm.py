@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 @contextmanager
@@ -18,7 +18,7 @@ def offline_llm(model: str, *, in_process: bool = True, **kwargs) -> Iterator["v
     """
     from vllm import LLM
 
-    with in_process_engines() if in_process else _nothing():
+    with in_process_engines() if in_process else nullcontext():
         if in_process:
             kwargs.setdefault("distributed_executor_backend", "uni")
         llm = LLM(model=model, **kwargs)
@@ -44,29 +44,20 @@ def in_process_engines() -> Iterator[None]:
     which vLLM's CPU worker replaces process-wide with a no-op after binding its threads.
     """
     import os
+    from unittest import mock
 
     import torch
 
     threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        yield
+        with mock.patch.dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+            yield
     finally:
-        if before is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def greedy_tokens(llm, prompts, max_tokens: int) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 Stock and DUO get the same KV memory budget (256 MiB: small enough that a few 2K-token
 requests fill stock's cache, so the tests stay fast on two cores). The engines run in-process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tests can read the scheduler's block pool and
+(``tests.helpers.llm.offline_llm``'s default) so the tests can read the scheduler's block pool and
 per-group block tables. In-process engines share vLLM's process-wide parallel state, so only
 one is alive at a time: each fixture runs its measurements and shuts its engine down.
 """
@@ -32,9 +32,8 @@ NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def in_process_engine_core():
+def kv_size_from_the_engine_args():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # vLLM's CPU platform lets this legacy variable override kv_cache_memory_bytes.
         mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
         yield
