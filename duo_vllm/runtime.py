@@ -6,6 +6,7 @@ option or a pattern for another model stops start-up with one message before any
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ class DuoRuntime:
         streaming = np.max([(~shard).sum(axis=1) for shard in shards], axis=0).astype(int)
         local_heads = shards[0].shape[1]
         return HeadSlots(retrieval, streaming, local_heads)
+
+    @cached_property
+    def plan_digest(self) -> str:
+        """sha256 of what every process must agree on: the retrieval mask and the window. Two
+        processes with the same digest serve the same heads the same way, whatever file each
+        read it from."""
+        mask = np.ascontiguousarray(self.retrieval_mask, dtype=bool)
+        head = json.dumps([list(mask.shape), self.sink, self.recent]).encode()
+        return hashlib.sha256(head + mask.tobytes()).hexdigest()[:16]
 
     def kv_saving(self, context_len: int) -> float:
         """Fraction of KV bytes saved versus full attention for one sequence of ``context_len``."""
@@ -271,6 +281,28 @@ def _tp_rank() -> int:
         return 0
 
 
+def check_pipeline_parallel(pipeline_parallel_size: int, platform: str | None = None) -> None:
+    """Pipeline stages need nothing of DUO's own: vLLM builds only a stage's layers, each DUO layer
+    reports its spec from the one global pattern by its global layer index, and vLLM's planner
+    merges the stages' specs into DUO's two groups and gives each stage its own layers of them
+    (``tests/duo_vllm/kv_cache/test_pipeline_stages.py`` runs that planner on per-stage specs).
+    vLLM's CPU build cannot run pipeline parallelism at all (stock attention included: its later
+    stages get no hidden states and fail at the first step), so it is refused there up front."""
+    if pipeline_parallel_size <= 1:
+        return
+    if platform is None:
+        from duo_vllm.vllm_support import platform_name
+
+        platform = platform_name()
+    if platform == "cpu":
+        raise DuoConfigError(
+            f"--pipeline-parallel-size {pipeline_parallel_size}: vLLM's CPU build cannot run pipeline "
+            "parallelism (its later stages fail at the first step, with or without DUO); on CPU split "
+            "the model with --tensor-parallel-size instead.")
+    logger.info("DUO under pipeline parallelism (%d stages): each stage keeps the retrieval and streaming "
+                "KV of its own layers only, planned from the whole model's pattern.", pipeline_parallel_size)
+
+
 def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
     """The process-wide runtime for ``vllm_config`` (built and logged once per config)."""
     key = _runtime_key(vllm_config)
@@ -279,14 +311,7 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         return runtime
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        # Not verified: vLLM 0.32's CPU build cannot run pipeline parallelism (stock attention
-        # fails too), and no multi-GPU run has checked DUO's KV groups and memory plan per stage.
-        raise DuoConfigError(
-            f"DUO does not support pipeline parallelism yet (--pipeline-parallel-size "
-            f"{parallel.pipeline_parallel_size}): split the model with --tensor-parallel-size instead, "
-            "or serve it without --attention-backend DUO."
-        )
+    check_pipeline_parallel(parallel.pipeline_parallel_size)
     tp_rank = _tp_rank()
     hf_config = model_config.hf_text_config
     runtime = build_runtime(
@@ -309,5 +334,33 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         elif parallel.use_ubatching:
             logger.warning("DUO option overlap_streaming is off under micro-batching (--enable-dbo or "
                            "--ubatch-size): the streaming heads run after the retrieval heads.")
+    check_plan_digest(vllm_config, runtime)
     _RUNTIMES[key] = runtime
     return runtime
+
+
+# Set in ``additional_config`` by the front-end (``patches/engine_config_validation.py``): the
+# digest of the plan it resolved. The config travels to every engine, worker and Ray process, so
+# each can check that it resolved the same heads from its own files.
+PLAN_DIGEST_KEY = "duo_plan_digest"
+
+
+def record_plan_digest(vllm_config, runtime: DuoRuntime) -> None:
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), PLAN_DIGEST_KEY: runtime.plan_digest}
+
+
+def check_plan_digest(vllm_config, runtime: DuoRuntime) -> None:
+    """Each process resolves the pattern from its own files (a path, the model folder, the shipped
+    patterns). Under several hosts those can differ, and a pipeline stage would then serve its
+    layers from another pattern than the stage before it, with no error from vLLM (stages share
+    no layer, so vLLM never compares their specs): refuse instead."""
+    expected = (vllm_config.additional_config or {}).get(PLAN_DIGEST_KEY)
+    if expected is None or expected == runtime.plan_digest:
+        return
+    import socket
+
+    raise DuoConfigError(
+        f"DUO on host {socket.gethostname()} resolved a different head pattern ({runtime.pattern.source}, "
+        f"plan {runtime.plan_digest}) than the front-end (plan {expected}): every node must find the same "
+        "pattern file. Give the \"pattern\" option a path that holds the same file on every node, or "
+        "install the same duo-vllm and model folder everywhere.")

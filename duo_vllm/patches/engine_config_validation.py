@@ -41,13 +41,14 @@ def when_duo_is_selected(check) -> None:
 def _resolve_runtime(config) -> None:
     from duo_vllm.head_order import checkpoint_order_reason
     from duo_vllm.kv_quant import kv_cache_dtype_error
-    from duo_vllm.runtime import runtime_from_vllm_config
+    from duo_vllm.runtime import record_plan_digest, runtime_from_vllm_config
     from duo_vllm.vllm_support import platform_name
 
     dtype_error = kv_cache_dtype_error(config.cache_config.cache_dtype, platform_name(), config.model_config.dtype)
     if dtype_error:
         raise ValueError(dtype_error)
     runtime = runtime_from_vllm_config(config)
+    record_plan_digest(config, runtime)
     checkpoint_order_reason(config, runtime)
     from duo_vllm import metrics
 

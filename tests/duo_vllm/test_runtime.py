@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from duo_vllm.backends.head_plan import layer_index_from_name, plan_for_layer
-from duo_vllm.config import DuoConfig
+from duo_vllm.config import DuoConfig, DuoConfigError
 from duo_vllm.fingerprint import model_fingerprint
 from duo_vllm.pattern import HeadPattern, PatternError
 from duo_vllm.pattern_io import save_pattern
@@ -559,3 +560,33 @@ def test_engine_serves_the_masks_in_the_model_folder_with_no_option(smollm2, tmp
         assert runtime.pattern.source == str(folder / "masks.tsv")
         np.testing.assert_array_equal(runtime.retrieval_mask, mask)
         assert "sink 16, recent 64 (from the options)" in runtime.summary(512)
+
+
+def test_every_process_checks_it_resolved_the_front_ends_plan(smollm2, tmp_path, monkeypatch):
+    """Each engine, worker or Ray process resolves the pattern from its own files; the front-end
+    records the plan it resolved in the config they all receive, and a process (another host)
+    that finds another pattern refuses to start rather than serve its layers from it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import duo_vllm.runtime as runtime_module
+
+    config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO",
+                        additional_config={"duo": {"sparsity": 0.5}}).create_engine_config()
+    recorded = config.additional_config[runtime_module.PLAN_DIGEST_KEY]
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+    assert runtime_module.runtime_from_vllm_config(config).plan_digest == recorded  # same files: starts
+
+    # "Another host": the same options, but this process finds a different pattern first.
+    other = tmp_path / "model"
+    other.mkdir()
+    for item in Path(smollm2).iterdir():
+        (other / item.name).symlink_to(item)
+    shipped = runtime_module.runtime_from_vllm_config(config)
+    flipped = HeadPattern(gates=1.0 - shipped.pattern.gates, model_name=shipped.pattern.model_name,
+                          model_fingerprint=shipped.pattern.model_fingerprint)
+    save_pattern(flipped, other)
+    config.model_config.model = str(other)
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+    with pytest.raises(DuoConfigError, match="every node must find the same pattern") as info:
+        runtime_module.runtime_from_vllm_config(config)
+    assert recorded in str(info.value) and "\n" not in str(info.value)
