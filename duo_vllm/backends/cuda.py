@@ -16,10 +16,11 @@ query and pages in registers, and the fused store writes codes as vLLM's CUDA ca
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import ClassVar
 
 import torch
-from vllm.config import get_current_vllm_config
+from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none, set_current_vllm_config
 from vllm.utils.torch_utils import aux_stream, current_stream
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (
@@ -143,6 +144,11 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
                                          kv_cache_dtype=self.kv_cache_dtype, sink=self.runtime.sink,
                                          recent=self.runtime.recent)
         self._retrieval_kernels: dict[int, FlashAttentionImpl] = {}
+        # The engine's config, for the retrieval kernels built at the first forward: FLASH_ATTN
+        # reads its FlashAttention version (``--attention-config '{"flash_attn_version": 2}'``)
+        # and context-parallel settings from the current config, which vLLM sets while it builds
+        # layers but not while it runs them.
+        self._engine_config = get_current_vllm_config_or_none()
 
     def run_both(self, retrieval, streaming) -> None:
         """With ``overlap_streaming``: streaming heads on the side stream while FA3 runs the
@@ -171,13 +177,20 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
                                  output_scale, output_block_scale) -> None:
         # FLASH_ATTN sizes its FP8 descales by the impl's KV head count, so the retrieval heads
         # get a FLASH_ATTN impl of their own head counts (same kernel, version and options).
-        r = kv_cache.shape[1]
-        kernel = self._retrieval_kernels.get(r)
-        if kernel is None:
-            kernel = self._retrieval_kernels[r] = FlashAttentionImpl(
-                query.shape[1], self.head_size, self.scale, r, None, None, self.kv_cache_dtype, None,
-                self.attn_type)
+        kernel = self.retrieval_kernel(query.shape[1], kv_cache.shape[1])
         kernel.forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+
+    def retrieval_kernel(self, num_q_heads: int, num_kv_heads: int) -> FlashAttentionImpl:
+        """FLASH_ATTN's impl for ``num_kv_heads`` retrieval heads, built once under the engine's
+        config, so it runs the FlashAttention version this layer's own impl chose."""
+        kernel = self._retrieval_kernels.get(num_kv_heads)
+        if kernel is None:
+            config = self._engine_config
+            with set_current_vllm_config(config) if config is not None else nullcontext():
+                kernel = FlashAttentionImpl(num_q_heads, self.head_size, self.scale, num_kv_heads, None, None,
+                                            self.kv_cache_dtype, None, self.attn_type)
+            self._retrieval_kernels[num_kv_heads] = kernel
+        return kernel
 
     def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
         self.streaming.write(layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots)

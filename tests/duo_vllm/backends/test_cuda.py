@@ -157,3 +157,34 @@ def test_triton_streaming_write_and_forward_match_reference(kv_cache_dtype):
                 else:
                     want = torch.cat([k_all[t, heads], v_all[t, heads]], -1)
                 assert torch.equal(stored, want), f"request {r} position {p}"
+
+
+def test_retrieval_kernels_are_built_under_the_engines_config(monkeypatch):
+    """vLLM runs layers without a current config, and FLASH_ATTN reads the FlashAttention version
+    (``flash_attn_version``) from it at construction: the retrieval kernels, built at the first
+    forward, must see the config their layer was built under, or a forced FA2 would run FA3 on
+    Hopper. FLASH_ATTN's impl is replaced by a recorder: vLLM's needs its CUDA kernels to build."""
+    from vllm.config import VllmConfig, get_current_vllm_config_or_none, set_current_vllm_config
+
+    import duo_vllm.backends.cuda as cuda
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, num_heads, head_size, scale, num_kv_heads, *args):
+            seen.append((num_heads, num_kv_heads, get_current_vllm_config_or_none()))
+
+    monkeypatch.setattr(cuda, "FlashAttentionImpl", Recorder)
+    engine_config = VllmConfig()
+    impl = object.__new__(cuda.DuoAttentionImpl)
+    impl.head_size, impl.scale, impl.kv_cache_dtype, impl.attn_type = 64, 0.125, "auto", "decoder"
+    impl._retrieval_kernels = {}
+    with set_current_vllm_config(engine_config):  # as while vLLM builds the layer
+        impl._engine_config = get_current_vllm_config_or_none()
+    assert get_current_vllm_config_or_none() is None  # as while vLLM runs it
+    first = impl.retrieval_kernel(8, 2)
+    assert impl.retrieval_kernel(8, 2) is first  # built once per head count
+    impl.retrieval_kernel(4, 1)
+    assert [(q, kv) for q, kv, _ in seen] == [(8, 2), (4, 1)]
+    assert all(config is engine_config for _, _, config in seen)
+    assert get_current_vllm_config_or_none() is None  # and nothing is left set
