@@ -20,7 +20,11 @@ from contextlib import nullcontext
 from typing import ClassVar
 
 import torch
-from vllm.config import get_current_vllm_config, get_current_vllm_config_or_none, set_current_vllm_config
+from vllm.config import (
+    get_current_vllm_config,
+    get_current_vllm_config_or_none,
+    set_current_vllm_config,
+)
 from vllm.utils.torch_utils import aux_stream, current_stream
 from vllm.v1.attention.backend import AttentionCGSupport, KVCacheLayout
 from vllm.v1.attention.backends.flash_attn import (

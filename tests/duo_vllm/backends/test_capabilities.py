@@ -53,8 +53,8 @@ def test_the_front_end_check_reads_a_forced_version(monkeypatch):
     """FLASH_ATTN's choice is asked under the engine's config (a forced flash_attn_version lives
     there); no GPU visible to the process means no check."""
     import vllm.platforms
-    import vllm.v1.attention.backends.fa_utils as fa_utils
     from vllm.config import VllmConfig, get_current_vllm_config_or_none
+    from vllm.v1.attention.backends import fa_utils
 
     config = VllmConfig()
     config.model_config = SimpleNamespace(get_head_size=lambda: 128)

@@ -164,9 +164,13 @@ def test_retrieval_kernels_are_built_under_the_engines_config(monkeypatch):
     (``flash_attn_version``) from it at construction: the retrieval kernels, built at the first
     forward, must see the config their layer was built under, or a forced FA2 would run FA3 on
     Hopper. FLASH_ATTN's impl is replaced by a recorder: vLLM's needs its CUDA kernels to build."""
-    from vllm.config import VllmConfig, get_current_vllm_config_or_none, set_current_vllm_config
+    from vllm.config import (
+        VllmConfig,
+        get_current_vllm_config_or_none,
+        set_current_vllm_config,
+    )
 
-    import duo_vllm.backends.cuda as cuda
+    from duo_vllm.backends import cuda
 
     seen = []
 
