@@ -42,19 +42,25 @@ def start_server(model: str, args: argparse.Namespace, log_path: Path) -> tuple[
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.start_timeout
+    wait_healthy(proc, root, args.start_timeout, log_path)
+    return proc, root + "/v1"
+
+
+def wait_healthy(proc: subprocess.Popen, root: str, timeout: float, log_path: Path, name: str = "vllm serve") -> None:
+    """Until ``root``/health answers 200; stops the server and exits naming its log otherwise."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"vllm serve exited with {proc.returncode} during start-up; log: {log_path}")
+            raise SystemExit(f"{name} exited with {proc.returncode} during start-up; log: {log_path}")
         try:
             with urllib.request.urlopen(root + "/health", timeout=2) as r:
                 if r.status == 200:
-                    return proc, root + "/v1"
+                    return
         except OSError:
             pass
         time.sleep(1)
     stop_server(proc)
-    raise SystemExit(f"vllm serve not healthy after {args.start_timeout:.0f} s; log: {log_path}")
+    raise SystemExit(f"{name} not healthy after {timeout:.0f} s; log: {log_path}")
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:

@@ -224,3 +224,22 @@ def test_eval_names_the_fix_when_the_server_refuses_a_prompt(server, smollm2, tm
     err = capsys.readouterr().err.strip()
     assert "the server refused a 3072-token needle prompt (HTTP 400" in err, err
     assert "--max-model-len of at least 3096" in err and len(err.splitlines()) == 1, err
+
+
+def test_throughput_script_measures_the_running_server(server, smollm2, tmp_path):
+    """benchmarks/serve_throughput.py (vLLM's own `vllm bench serve` per request rate) against the
+    module's server: every request completes, the figures and the PNG are written."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_throughput.py"), "--server", server.base_url,
+         "--backends", "duo", "--model", smollm2, "--input-len", "300", "--output-len", "8",
+         "--num-prompts", "6", "--rates", "inf", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads((tmp_path / "serve_throughput.json").read_text())
+    figures = r["runs"]["duo"]["inf"]
+    assert figures["completed"] == 6 and figures["failed"] == 0
+    assert figures["total_output_tokens"] >= 6 * 6  # outputs drawn from 8 * (1 +- 0.33), EOS ignored
+    assert figures["output_throughput"] > 0 and figures["p99_ttft_ms"] >= figures["median_ttft_ms"] > 0
+    assert 0 < figures["peak_kv_cache_usage"] <= 1
+    assert r["vllm"] and r["device"] == "cpu" and "serve_throughput.py" in r["command"]
+    assert (tmp_path / "serve_throughput.png").stat().st_size > 0

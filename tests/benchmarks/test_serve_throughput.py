@@ -1,0 +1,56 @@
+"""benchmarks/serve_throughput.py without a server: its arguments, the DUO / stock ratios, the
+table and the plot from a result file. The script end to end (`vllm bench serve` against a DUO
+server) is tests/duo_vllm/backends/test_cpu_serving_faults.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import serve_throughput
+
+
+def figures(throughput: float, ttft: float, tpot: float) -> dict:
+    return {"output_throughput": throughput, "request_throughput": throughput / 100, "median_ttft_ms": ttft / 2,
+            "p99_ttft_ms": ttft, "median_tpot_ms": tpot / 2, "p99_tpot_ms": tpot, "completed": 8,
+            "total_output_tokens": 800, "duration": 10.0, "preemptions": 3.0, "peak_kv_cache_usage": 0.9,
+            "peak_running": 4.0, "failed": 0}
+
+
+RESULT = {"command": "python benchmarks/serve_throughput.py ...", "device": "NVIDIA H200", "vllm": "0.33.0",
+          "model_label": "llama3-8b-gqa-50", "workload": "64 requests", "rates": ["1", "inf"],
+          "runs": {"stock": {"1": figures(100, 2000, 40), "inf": figures(200, 30000, 80)},
+                   "duo": {"1": figures(100, 1500, 30), "inf": figures(310, 20000, 60)}}}
+
+
+def test_ratios_per_rate():
+    ratios = serve_throughput.ratios(RESULT["runs"])
+    assert ratios["inf"]["output_throughput"] == pytest.approx(1.55)
+    assert ratios["inf"]["p99_ttft_speedup"] == pytest.approx(1.5)
+    assert ratios["1"]["output_throughput"] == pytest.approx(1.0)
+    assert serve_throughput.ratios({"duo": RESULT["runs"]["duo"]}) == {}  # no stock, no ratio
+
+
+def test_table_and_plot_from_a_result_file(tmp_path):
+    result = {**RESULT, "duo_over_stock": serve_throughput.ratios(RESULT["runs"])}
+    text = serve_throughput.table(result)
+    assert "DUO / stock at rate inf: output tokens/s 1.55x" in text and text.count("\n") == 6
+    path = tmp_path / "serve_throughput.json"
+    path.write_text(json.dumps(result))
+    pytest.importorskip("matplotlib")
+    assert serve_throughput.plot(path).stat().st_size > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--backends", "stock,duo"], "give --model or --case"),
+    (["--model", "m", "--backends", "duo,vanilla"], "unknown ['vanilla']"),
+    (["--model", "m", "--rates", "1,fast"], "'fast' is neither"),
+    (["--model", "m", "--rates", "0"], "'0' is neither"),
+    (["--case", "llama3-8b-gqa-50"], "--case needs --patterns"),
+    (["--model", "m", "--duo", "{sparsity"], "--duo is not JSON"),
+    (["--server", "http://x", "--model", "m", "--backends", "stock,duo"], "one backend name"),
+])
+def test_bad_arguments_name_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        serve_throughput.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
