@@ -210,13 +210,13 @@ def test_preemption_and_recompute_give_the_same_tokens(smollm2, pattern, smollm2
     recomputes it later, and both produce the tokens they produce alone."""
     from duo_vllm.testing.haystack import haystack_tokens
 
-    prompts = [haystack_tokens(smollm2_tokenizer, 600, offset=3000 * i) for i in range(2)]
-    # Both fit after prefill (5 + 4 blocks each); each ends holding 8 retrieval + 4 streaming
-    # blocks: 20 blocks hold one such request, not both.
-    with duo_engine(smollm2, pattern, 0.5, num_gpu_blocks_override=20, max_model_len=1000,
-                    max_num_batched_tokens=1024, enable_prefix_caching=False) as small:
-        alone = [run_together(small, [p], max_tokens=300)[0][0] for p in prompts]
-        together, _, preempted, _ = run_together(small, prompts, max_tokens=300)
+    prompts = [haystack_tokens(smollm2_tokenizer, 150, offset=3000 * i) for i in range(2)]
+    # 32-token blocks: both fit after prefill (5 retrieval blocks each, plus streaming ones); each
+    # ends holding 8 retrieval blocks: 20 blocks hold one such request, not both.
+    with duo_engine(smollm2, pattern, 0.5, sink=16, recent=48, block_size=32, num_gpu_blocks_override=20,
+                    max_model_len=256, max_num_batched_tokens=1024, enable_prefix_caching=False) as small:
+        alone = [run_together(small, [p], max_tokens=90)[0][0] for p in prompts]
+        together, _, preempted, _ = run_together(small, prompts, max_tokens=90)
     assert preempted > 0
     assert together == alone
 
