@@ -346,7 +346,8 @@ PLAN_DIGEST_KEY = "duo_plan_digest"
 
 
 def record_plan_digest(vllm_config, runtime: DuoRuntime) -> None:
-    vllm_config.additional_config = {**(vllm_config.additional_config or {}), PLAN_DIGEST_KEY: runtime.plan_digest}
+    recorded = {"model": vllm_config.model_config.model, "digest": runtime.plan_digest}
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), PLAN_DIGEST_KEY: recorded}
 
 
 def check_plan_digest(vllm_config, runtime: DuoRuntime) -> None:
@@ -354,8 +355,13 @@ def check_plan_digest(vllm_config, runtime: DuoRuntime) -> None:
     patterns). Under several hosts those can differ, and a pipeline stage would then serve its
     layers from another pattern than the stage before it, with no error from vLLM (stages share
     no layer, so vLLM never compares their specs): refuse instead."""
-    expected = (vllm_config.additional_config or {}).get(PLAN_DIGEST_KEY)
-    if expected is None or expected == runtime.plan_digest:
+    recorded = (vllm_config.additional_config or {}).get(PLAN_DIGEST_KEY)
+    # Only for the model the front-end resolved: a speculative draft model's config is the
+    # target's with another model_config (vLLM copies additional_config into it).
+    if not isinstance(recorded, dict) or recorded.get("model") != vllm_config.model_config.model:
+        return
+    expected = recorded.get("digest")
+    if expected == runtime.plan_digest:
         return
     import socket
 

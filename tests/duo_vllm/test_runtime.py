@@ -573,8 +573,9 @@ def test_every_process_checks_it_resolved_the_front_ends_plan(smollm2, tmp_path,
     config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO",
                         additional_config={"duo": {"sparsity": 0.5}}).create_engine_config()
     recorded = config.additional_config[runtime_module.PLAN_DIGEST_KEY]
+    assert recorded["model"] == smollm2
     monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
-    assert runtime_module.runtime_from_vllm_config(config).plan_digest == recorded  # same files: starts
+    assert runtime_module.runtime_from_vllm_config(config).plan_digest == recorded["digest"]  # same files: starts
 
     # "Another host": the same options, but this process finds a different pattern first.
     other = tmp_path / "model"
@@ -587,6 +588,12 @@ def test_every_process_checks_it_resolved_the_front_ends_plan(smollm2, tmp_path,
     save_pattern(flipped, other)
     config.model_config.model = str(other)
     monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+    # Another model (as a speculative draft's config, which copies the target's): not compared.
+    assert runtime_module.runtime_from_vllm_config(config).plan_digest != recorded["digest"]
+    # The same model name, resolved to other heads on "another host": refused.
+    config.additional_config = {**config.additional_config,
+                                runtime_module.PLAN_DIGEST_KEY: {**recorded, "model": str(other)}}
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
     with pytest.raises(DuoConfigError, match="every node must find the same pattern") as info:
         runtime_module.runtime_from_vllm_config(config)
-    assert recorded in str(info.value) and "\n" not in str(info.value)
+    assert recorded["digest"] in str(info.value) and "\n" not in str(info.value)
