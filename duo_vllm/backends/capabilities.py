@@ -11,9 +11,12 @@ answers; ``docs/backend.md`` prints the table.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from duo_vllm.config import DuoConfigError
+
+logger = logging.getLogger("vllm.duo_vllm")
 
 FP8_DTYPES = ("fp8", "fp8_e4m3")
 FORCE_FA2 = """--attention-config '{"flash_attn_version": 2}'"""
@@ -77,6 +80,10 @@ def check_cuda_kernels(vllm_config) -> CudaKernels | None:
     except ImportError:  # a vLLM build without FLASH_ATTN: its own selection error follows
         return None
     model_config = vllm_config.model_config
-    with set_current_vllm_config(vllm_config):  # FLASH_ATTN reads a forced version from it
-        version = get_flash_attn_version(head_size=model_config.get_head_size())
+    try:
+        with set_current_vllm_config(vllm_config):  # FLASH_ATTN reads a forced version from it
+            version = get_flash_attn_version(head_size=model_config.get_head_size())
+    except Exception as exc:  # noqa: BLE001 - probing must never stop an engine that can start
+        logger.debug("FlashAttention version not determined in the front-end: %s", exc)
+        return None
     return cuda_kernels((capability.major, capability.minor), version, vllm_config.cache_config.cache_dtype)

@@ -72,3 +72,21 @@ def test_the_front_end_check_reads_a_forced_version(monkeypatch):
     assert asked == [(128, config)]
     monkeypatch.setattr(platform, "get_device_capability", lambda *a, **k: None)
     assert check_cuda_kernels(config) is None
+
+
+def test_a_failing_probe_never_stops_start_up(monkeypatch):
+    """Asking FLASH_ATTN for its version in the front-end is a courtesy: if that raises, the
+    engine starts and decides as stock does."""
+    import vllm.platforms
+    from vllm.config import VllmConfig
+    from vllm.v1.attention.backends import fa_utils
+
+    def broken(**_):
+        raise RuntimeError("no driver in this process")
+
+    config = VllmConfig()
+    config.model_config = SimpleNamespace(get_head_size=lambda: 128)
+    monkeypatch.setattr(fa_utils, "get_flash_attn_version", broken)
+    monkeypatch.setattr(vllm.platforms.current_platform, "get_device_capability",
+                        lambda *a, **k: SimpleNamespace(major=9, minor=0))
+    assert check_cuda_kernels(config) is None
