@@ -97,7 +97,7 @@ def test_each_stage_plans_its_own_layers_of_the_two_groups(quiet_config, mask, p
         configs, scheduler = plan(vllm_config, workers)
     finally:
         vllm_config.parallel_config.pipeline_parallel_size = 1
-    (single,), _ = plan(vllm_config, [whole])
+    (single,), single_scheduler = plan(vllm_config, [whole])
 
     # A stage reports for its layers exactly what the whole model reports for them.
     assert {name: spec for worker in workers for name, spec in worker.items()} == whole
@@ -110,7 +110,7 @@ def test_each_stage_plans_its_own_layers_of_the_two_groups(quiet_config, mask, p
     # The scheduler runs DUO's two groups with the same block sizes as on one GPU.
     has_streaming, has_retrieval = (~mask).any(), mask.any(axis=1).any()
     kinds = [type(group.kv_cache_spec) for group in scheduler.kv_cache_groups]
-    assert kinds == [type(group.kv_cache_spec) for group in plan(vllm_config, [whole])[1].kv_cache_groups]
+    assert kinds == [type(group.kv_cache_spec) for group in single_scheduler.kv_cache_groups]
     if has_streaming and has_retrieval:
         retrieval, streaming = (group.kv_cache_spec for group in scheduler.kv_cache_groups)
         assert isinstance(streaming, DuoStreamingSpec) and (streaming.sink, streaming.recent) == (16, 64)
