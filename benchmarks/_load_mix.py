@@ -47,7 +47,15 @@ class Workload:
         self.system = tokenizer.decode(self.corpus[:max_model_len // 4])
         self.probes = [self.tokens(n, offset=97 * i) for i, n in
                        enumerate([24, 200] + [self.long_len] * (PROBES - 2))]
-        self.kinds = [k for k, w in KINDS.items() for _ in range(w)]
+        self.bag: list[str] = []  # kinds still to draw in this round of the mix
+
+    def next_kind(self) -> str:
+        """Kinds drawn from a shuffled bag of the weights: every ``sum(KINDS.values())`` requests
+        hold each kind exactly as often as its weight, so a short run still has the whole mix."""
+        if not self.bag:
+            self.bag = [k for k, w in KINDS.items() for _ in range(w)]
+            self.rng.shuffle(self.bag)
+        return self.bag.pop()
 
     def tokens(self, n: int, offset: int | None = None) -> list[int]:
         start = self.rng.randrange(0, len(self.corpus) - n) if offset is None else offset
@@ -57,7 +65,7 @@ class Workload:
         return self.tokenizer.decode(self.tokens(n))
 
     def next(self) -> tuple[str, dict]:
-        kind = self.rng.choice(self.kinds)
+        kind = self.next_kind()
         r = self.rng
         spec = {"max_tokens": r.randint(4, MAX_TOKENS)}
         if kind == "long":

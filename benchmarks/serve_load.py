@@ -3,7 +3,8 @@ preempt, faults on the way; what was lost, what differed, what leaked.
 
 Starts ``vllm serve MODEL --attention-backend DUO`` on 127.0.0.1 (or uses ``--server URL``), runs the
 greedy probes once unloaded, then ``--clients`` concurrent ``openai.AsyncOpenAI`` clients send a
-seeded random mix until ``--requests`` are sent or ``--duration`` seconds have passed:
+seeded random mix until ``--requests`` are sent or ``--duration`` seconds have passed (kinds drawn
+from a shuffled bag of their weights: every 21 requests hold each kind as often as its weight):
 
   long        completion, token-id prompt of max_model_len - max_tokens - 8 tokens (pool pressure)
   short       completion of 16-256 tokens

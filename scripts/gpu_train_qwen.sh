@@ -8,7 +8,7 @@
 #   bash scripts/gpu_train_qwen.sh check    # needle check + agreement -> $OUT/*.json
 #
 # Env: MODEL_NAME (qwen-coder-0.5b, default, or qwen-coder-1.5b: duo_vllm.testing.models),
-# OUT (results), WORK (checkpoints; default /tmp/duo-train; carry it to another machine to go on), TRAIN_SECONDS (time limit of
+# SEEDS (default "42 7"), OUT (results), WORK (checkpoints; default /tmp/duo-train; carry it to another machine to go on), TRAIN_SECONDS (time limit of
 # one train phase, default 520), STEPS (default 400), REG_WEIGHT (default 0.5), TRAIN_EXTRA
 # (more trainer options, e.g. "--lr 0.01"), DUO_VLLM_CACHE (haystack and converted model).
 # On the offline GPU machine the bundle must carry the train extra (bundle.py --extra datasets==...)
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
 WORK=${WORK:-/tmp/duo-train}
-SEEDS=(42 7)
+read -ra SEEDS <<< "${SEEDS:-42 7}"  # one seed per session works too: agreement is checked once two exist
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true); gpus=$(( gpus > 0 ? gpus : 1 ))  # seed i runs on GPU i % gpus
 MODEL=$(python3 -c "import sys; from duo_vllm.testing.models import SHORT_NAMES, resolve_short_name as r
 n = sys.argv[1]; sys.exit(f'unknown MODEL_NAME {n}: one of {list(SHORT_NAMES)}') if n not in SHORT_NAMES else print(r(n))" \
@@ -66,6 +66,7 @@ check)
     done
     wait
     tail -n 7 "$OUT"/needle_seed*.log
+    if [ "${#SEEDS[@]}" -lt 2 ]; then echo "one seed: no agreement to compute"; exit 0; fi
     python3 - "$WORK" "$OUT/seed_agreement.json" "${SEEDS[@]}" <<'PY'
 import json, sys
 from duo_vllm.pattern import load_pattern

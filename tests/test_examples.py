@@ -1,5 +1,8 @@
 """The examples run as a user runs them: the offline demo, the server script queried by the
-``openai`` client example, and training a pattern then checking it."""
+``openai`` client example, and training a pattern then checking it. The offline ones run their
+engine core inside the script's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as
+tests/helpers/llm.py's engines do: a spawned engine process costs ~10 s of imports on two cores);
+the server example keeps vLLM's own processes."""
 
 import os
 import subprocess
@@ -18,7 +21,8 @@ EXAMPLES = ROOT / "examples"
 
 def run(cmd, timeout, env=None):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+                         env={**os.environ, "PYTHON": sys.executable, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                              **(env or {})})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -8,8 +8,9 @@ the ones those wrappers launch; each recorded launch is then compiled with Trito
 ahead-of-time path (``triton.compile``, ``ptxas`` from the triton wheel) for each target.
 
 Run in a process where ``TRITON_INTERPRET`` is unset (the test suite's conftest sets it):
-``python -m tests.helpers.triton_aot``. Prints one line per compiled launch, exits non-zero on
-the first failure.
+``python -m tests.helpers.triton_aot [--shard I/N]``. Prints one line per compiled launch, exits
+non-zero on the first failure. ``--shard I/N`` compiles every N-th distinct configuration from the
+I-th: N such processes side by side cover them all (compiling is single-threaded).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def record_fp8_launches() -> list:
     return launches
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    shard, shards = (int(x) for x in argv[1].split("/")) if argv[:1] == ["--shard"] else (0, 1)
     if os.environ.get("TRITON_INTERPRET"):
         print("unset TRITON_INTERPRET: the kernels must be real @triton.jit functions to compile", file=sys.stderr)
         return 2
@@ -146,12 +149,14 @@ def main() -> int:
         if key in seen:
             continue
         seen.add(key)
+        if (len(seen) - 1) % shards != shard:
+            continue
         for backend, arch, warp in targets:
             compiled = triton.compile(ASTSource(fn=fn, signature=types, constexprs=values),
                                       target=GPUTarget(backend, arch, warp))
             consts = ", ".join(f"{fn.arg_names[i[0]]}={v}" for i, v in values.items())
             print(f"sm_{arch} {fn.__name__} [{consts}]: {len(compiled.asm['cubin'])} B cubin", flush=True)
-    print(f"compiled {len(seen)} launch configurations for {len(TARGETS)} targets")
+    print(f"compiled shard {shard}/{shards} of {len(seen)} launch configurations for {len(TARGETS)} targets")
     return 0
 
 

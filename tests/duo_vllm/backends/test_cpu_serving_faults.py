@@ -170,16 +170,21 @@ def test_duo_figures_on_metrics(server):
 
 
 def test_load_script_at_ci_scale(server, smollm2, tmp_path):
-    """benchmarks/serve_load.py: 8 clients, the whole mix (long prompts, streams, n=2, seeds,
-    multi-turn, disconnects, aborts, greedy probes): no 5xx, none lost, probes equal, pool drained."""
+    """benchmarks/serve_load.py: 8 clients, one round of the whole mix (21 requests: long prompts,
+    streams, n=2, seeds, multi-turn, disconnects, aborts, greedy probes): no 5xx, none lost, probes
+    equal, pool drained."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--server", server.base_url,
-         "--server-pid", str(server.process.pid), "--tokenizer", smollm2, "--clients", "8", "--requests", "48",
+         "--server-pid", str(server.process.pid), "--tokenizer", smollm2, "--clients", "8", "--requests", "21",
          "--duration", "240", "--max-model-len", str(MAX_MODEL_LEN), "--progress-every", "12", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _load_mix import KINDS
+
     r = json.loads((tmp_path / "serve_load.json").read_text())
-    assert r["sent"] == 48 and r["completed"] + r["aborted"] + r["4xx"] == 48
+    assert r["sent"] == 21 and r["completed"] + r["aborted"] + r["4xx"] == 21
+    assert {kind: sum(n.values()) for kind, n in r["by_kind"].items()} == KINDS  # the whole mix, once
     assert r["5xx"] == r["lost"] == 0 and not r["probe_mismatches"]
     assert r["kv_usage_end"] == r["kv_usage_start"] == 0
     assert r["rss_mib_end"] is not None and r["rss_mib_end"] <= 1.10 * r["rss_mib_start"]

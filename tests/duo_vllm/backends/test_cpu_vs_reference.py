@@ -4,8 +4,8 @@ A 50% pattern with a small sink/window (16/64) on prompts of 0.6-2.5K tokens (up
 long: past the first window the streaming heads' view no longer depends on length): vLLM's next-token
 log-probabilities at every prompt position match a Hugging Face run of the same model whose
 attention is ``duo_vllm.reference`` (fp32 both sides), and greedy generations agree for 32 tokens.
-Chunked prefill (128-token steps) and prefix-cache hits give the tokens of one-shot prefill, for
-greedy and for seeded sampling.
+Chunked prefill (128-token steps, in a compiled engine) and prefix-cache hits give the tokens of
+one-shot prefill, for greedy and for seeded sampling.
 """
 
 from __future__ import annotations
@@ -130,10 +130,14 @@ def one_shot(smollm2, duo_options, prompts):
 
 @pytest.fixture(scope="module")
 def chunked(smollm2, duo_options, prompts, one_shot):
+    """128-token prefill chunks in vLLM's default mode (torch.compile, DUO attention as the graph's
+    splitting op) rather than the eager mode of the other engines."""
+    engine = {**ENGINE, "enforce_eager": False}
     with offline_llm(smollm2, attention_backend="DUO", additional_config=duo_options,
-                     max_num_batched_tokens=128, enable_prefix_caching=False, **ENGINE) as llm:
+                     max_num_batched_tokens=128, enable_prefix_caching=False, **engine) as llm:
         return {"greedy": greedy_tokens(llm, prompts + [one_shot["shared_prompt"]], NEW_TOKENS),
-                "seeded": seeded_tokens(llm, prompts, SEEDS, NEW_TOKENS)}
+                "seeded": seeded_tokens(llm, prompts, SEEDS, NEW_TOKENS),
+                "mode": llm.llm_engine.vllm_config.compilation_config.mode}
 
 
 @pytest.mark.parametrize("index", range(len(LENGTHS)), ids=[f"{n}tok" for n in LENGTHS])
@@ -209,14 +213,11 @@ def test_quarter_retrieval_with_small_streaming_blocks(smollm2, pattern, prompts
     assert list(again.outputs[0].token_ids) == first
 
 
-def test_compiled_engine_gives_the_reference_tokens(smollm2, duo_options, prompts, reference):
-    """vLLM's default mode (torch.compile, DUO attention as the graph's splitting op) rather than
-    the eager mode of the other tests: the same greedy tokens as the reference."""
+def test_compiled_engine_gives_the_reference_tokens(chunked, reference):
+    """The chunked-prefill engine runs vLLM's default mode (torch.compile) and still gives the
+    reference's greedy tokens on every prompt (the eager engines are checked above)."""
     from vllm.config import CompilationMode
 
-    engine = {**ENGINE, "enforce_eager": False}
-    with offline_llm(smollm2, attention_backend="DUO", additional_config=duo_options, **engine) as llm:
-        mode = llm.llm_engine.vllm_config.compilation_config.mode
-        assert mode is not None and mode != CompilationMode.NONE, f"the engine did not compile ({mode!r})"
-        tokens = greedy_tokens(llm, prompts[:2], NEW_TOKENS)
-    assert tokens == reference["greedy"][:2]
+    assert chunked["mode"] is not None and chunked["mode"] != CompilationMode.NONE, \
+        f"the engine did not compile ({chunked['mode']!r})"
+    assert chunked["greedy"][:-1] == reference["greedy"]

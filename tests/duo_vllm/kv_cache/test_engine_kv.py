@@ -28,6 +28,7 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, 
 SINK, RECENT = 64, 256
 CONCURRENT = 3  # requests of LONG tokens: together more than stock's KV, less than DUO's
 LONG = 2000
+LENGTHS = (2048, 4000)  # prompts whose held blocks are watched: many windows long, one not block-aligned
 NEW_TOKENS = 8
 
 
@@ -126,7 +127,7 @@ def duo50(smollm2, pattern, smollm2_tokenizer, long_prompts):
     with duo_engine(smollm2, pattern, 0.5) as llm:
         result = {"tokens": kv_tokens(llm), "report": capacity_report(llm),
                   "retrieval_block": capacity_report(llm).block_size}
-        for n in (4096, 8000):  # 8000 tokens fit DUO's 256 MiB, not stock's
+        for n in LENGTHS:
             prompt = haystack_tokens(smollm2_tokenizer, n, offset=n)
             result[f"held{n}"] = run_together(llm, [prompt], watch=0)[3]
         together, running, preempted, _ = run_together(llm, long_prompts)
@@ -169,11 +170,11 @@ def check_capacity(ratio, report):
 
 
 def test_only_retrieval_blocks_grow_with_length(duo50):
-    """During decode, a 4K and an 8K prompt hold retrieval blocks in proportion to their length
+    """During decode, a 2K and a 4K prompt hold retrieval blocks in proportion to their length
     and the same bounded number of streaming blocks: the sink block and the window's 2-3 blocks
     (3 or 4 in all, depending on where the window starts within a block)."""
     block = duo50["retrieval_block"]
-    for n in (4096, 8000):
+    for n in LENGTHS:
         # after each decode step (the first entry is the end of the prefill step, which still
         # holds the chunk's streaming blocks until the next step frees the gap)
         decode = [held for held in duo50[f"held{n}"] if held[0] >= -(-n // block)][1:]
@@ -222,7 +223,7 @@ def test_preemption_and_recompute_give_the_same_tokens(smollm2, pattern, smollm2
 
 
 def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_tokenizer):
-    """200 requests of mixed lengths, some sharing a prefix, some aborted mid-flight, prefix
+    """120 requests of mixed lengths, some sharing a prefix, some aborted mid-flight, prefix
     caching on: the free block count returns to its start. A small block, sink and window make
     short prompts free gap blocks, so every manager path runs."""
     from vllm import SamplingParams
@@ -236,7 +237,7 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
         rng = random.Random(0)
         shared = haystack_tokens(smollm2_tokenizer, 200, offset=777)
         pending = []
-        for i in range(200):
+        for i in range(120):
             ids = haystack_tokens(smollm2_tokenizer, rng.choice([3, 20, 60, 150, 300]),
                                   offset=rng.randrange(50_000))
             if rng.random() < 0.3:
@@ -259,7 +260,7 @@ def test_many_requests_with_aborts_leak_no_block(smollm2, pattern, smollm2_token
             steps += 1
             assert steps < 20_000
         free_at_end = pool.get_num_free_blocks()
-    assert aborted > 20
+    assert aborted > 12
     assert free_at_end == free_at_start
 
 

@@ -2,8 +2,9 @@
 
 tests/helpers/triton_aot.py records every launch the wrappers make (decode, split decode with
 its merge, prefill, the fused KV store; bf16 and fp32; GQA, MHA, a group of 5, head size 80) and
-compiles each with Triton's ahead-of-time compiler for sm_90 and sm_80. It runs in a child
-process because this suite runs Triton in its interpreter (tests/conftest.py).
+compiles each with Triton's ahead-of-time compiler for sm_90 and sm_80. It runs in child
+processes because this suite runs Triton in its interpreter (tests/conftest.py), one shard of the
+configurations per core (compiling is single-threaded).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ KERNELS = ("_lambda_paged_attention_kernel", "_lambda_decode_split_kernel", "_me
 def test_every_launched_configuration_compiles_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[3]
-    run = subprocess.run([sys.executable, "-m", "tests.helpers.triton_aot"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    lines = run.stdout.splitlines()
+    shards = max(1, min(4, os.cpu_count() or 1))
+    runs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.triton_aot", "--shard", f"{i}/{shards}"],
+                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(shards)]
+    lines = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=1200)
+        assert run.returncode == 0, stdout[-3000:] + stderr[-6000:]
+        lines += stdout.splitlines()
+    assert sum(line.startswith("compiled shard ") for line in lines) == shards
     for arch in ("sm_90", "sm_80"):
         for kernel in KERNELS:
             assert any(line.startswith(f"{arch} {kernel} ") for line in lines), f"{kernel} not compiled for {arch}"
