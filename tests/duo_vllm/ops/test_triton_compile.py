@@ -30,9 +30,9 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80():
     runs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.triton_aot", "--shard", f"{i}/{shards}"],
                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(shards)]
+    outputs = [run.communicate(timeout=1200) for run in runs]  # every shard ends before any verdict
     lines = []
-    for run in runs:
-        stdout, stderr = run.communicate(timeout=1200)
+    for run, (stdout, stderr) in zip(runs, outputs):
         assert run.returncode == 0, stdout[-3000:] + stderr[-6000:]
         lines += stdout.splitlines()
     assert sum(line.startswith("compiled shard ") for line in lines) == shards
