@@ -25,6 +25,7 @@ Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
     python benchmarks/gpu_check_duo.py --out benchmarks/results/gpu_check_duo.json
     python benchmarks/gpu_check_duo.py --skip-all-streaming   # checks 1, 2, 4, 5: about 4 minutes less
     python benchmarks/gpu_check_duo.py --kv-cache-dtype fp8    # every engine with an FP8 KV cache
+    python benchmarks/gpu_check_duo.py --attention-config '{"flash_attn_version": 2}'  # FA2, also on Hopper
 
 With ``--kv-cache-dtype fp8`` every engine (stock and DUO) runs an FP8 KV cache, DUO's fused store is
 first compared byte for byte with vLLM's own ``reshape_and_cache_flash``, and the reference of check
@@ -48,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine
+ATTENTION_CONFIG: dict = {}  # --attention-config, for every engine (e.g. {"flash_attn_version": 2})
 
 
 def _engine(model, **kw):
@@ -55,7 +57,7 @@ def _engine(model, **kw):
 
     return LLM(model=model, dtype="bfloat16", max_model_len=4096, seed=0, gpu_memory_utilization=0.5,
                max_num_seqs=8, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]},
-               kv_cache_dtype=KV_CACHE_DTYPE, **kw)
+               kv_cache_dtype=KV_CACHE_DTYPE, **({"attention_config": ATTENTION_CONFIG} if ATTENTION_CONFIG else {}), **kw)
 
 
 def fp8_store_check() -> dict:
@@ -220,9 +222,11 @@ def main() -> None:
     parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
+    parser.add_argument("--attention-config", type=options, default={}, metavar="JSON",
+                        help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
-    global KV_CACHE_DTYPE
-    KV_CACHE_DTYPE = args.kv_cache_dtype
+    global KV_CACHE_DTYPE, ATTENTION_CONFIG
+    KV_CACHE_DTYPE, ATTENTION_CONFIG = args.kv_cache_dtype, args.attention_config
 
     import numpy as np
     import torch
@@ -251,8 +255,9 @@ def main() -> None:
               "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else "")
                          + (" --skip-all-streaming" if args.skip_all_streaming else "")
                          + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else "")
-                         + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""),
-              "kv_cache_dtype": args.kv_cache_dtype,
+                         + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
+                         + (f" --attention-config '{json.dumps(args.attention_config)}'" if args.attention_config else ""),
+              "kv_cache_dtype": args.kv_cache_dtype, "attention_config": args.attention_config,
               "checks": kernel_check() + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
     for c in result["checks"]:
         print(c, flush=True)

@@ -18,10 +18,13 @@ peak KV usage; and DUO / stock per rate.
     # a server already running (one backend, named by --backends; --model gives the tokenizer):
     python benchmarks/serve_throughput.py --server http://127.0.0.1:8000 --backends duo --model MODEL ...
     python benchmarks/serve_throughput.py --plot OUT/serve_throughput.json
+    # one backend per run (a GPU call shorter than both), then one result file of both:
+    python benchmarks/serve_throughput.py --merge OUT/stock/serve_throughput.json OUT/duo/serve_throughput.json --out OUT
 
 ``--case`` serves a random-weight model of a real shape (``_common.CASES``) with the published
 pattern from ``--patterns``; ``vllm bench serve`` needs a tokenizer, so the shape's folder borrows
-SmolLM2's (its ids are all inside the shape's vocabulary).
+SmolLM2's (its ids are all inside the shape's vocabulary), or ``--tokenizer``'s. The result file is
+rewritten after every rate, so a run cut short keeps the rates it finished.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ def served_model(args) -> tuple[str, dict, list[str]]:
         return model, duo, []
     case = CASES[args.case]
     folder = Path(model_dir(case["config"]))
-    tokenizer = smollm2_path()
+    tokenizer = Path(args.tokenizer) if args.tokenizer else smollm2_path()
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer.json there; give a folder with a "
+                         "Hugging Face tokenizer whose ids fit the shape's vocabulary (e.g. SmolLM2's)")
     for name in TOKENIZER_FILES:
         if (tokenizer / name).exists():
             shutil.copy(tokenizer / name, folder / name)
@@ -180,6 +186,31 @@ def plot(path: Path) -> Path:
     return save_png(fig, path)
 
 
+def merge(paths: list[str]) -> dict:
+    """One result of runs made one backend at a time over the same workload, on the same device."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in ("device", "vllm", "model_label", "workload", "server_args"):
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} differs in {key} ({part.get(key)!r} against "
+                                 f"{first.get(key)!r}); merge only runs of one workload on one device")
+        if set(part["runs"]) & set(first["runs"]):
+            raise SystemExit(f"--merge: {path} repeats backend {sorted(set(part['runs']) & set(first['runs']))}")
+    result = {**first, "command": [p["command"] for p in parts], "runs": {}}
+    for part in parts:
+        result["runs"].update(part["runs"])
+    result["duo_over_stock"] = ratios(result["runs"])
+    return result
+
+
+def write(result: dict, out: Path) -> Path:
+    result["duo_over_stock"] = ratios(result["runs"])
+    path = out / "serve_throughput.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
 def device_name() -> str:
     try:
         import torch
@@ -192,10 +223,13 @@ def device_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only join result files of one backend each (same workload and device) into --out")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="model folder or duo_vllm.testing short name (smollm2, qwen-coder-0.5b)")
     source.add_argument("--case", choices=sorted(CASES), help="random weights of a real shape (with --patterns)")
     parser.add_argument("--patterns", help="folder of the published pattern folders (with --case)")
+    parser.add_argument("--tokenizer", help="with --case: tokenizer folder (default: SmolLM2's)")
     parser.add_argument("--backends", default="stock,duo", help="comma-separated: stock, duo")
     parser.add_argument("--duo", default="{}", help="DUO options as JSON (with --case: added to the case's)")
     parser.add_argument("--server", metavar="URL", help="measure this running server instead of starting one "
@@ -215,6 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plot:
         print(plot(Path(args.plot)))
+        return 0
+    if args.merge:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = write(merge(args.merge), out)
+        try:
+            print(plot(path))
+        except ImportError:
+            print("matplotlib not installed: no PNG (pip install '.[bench]'; then --plot)")
+        print(table(json.loads(path.read_text())))
         return 0
     if (args.model is None) == (args.case is None):
         parser.error("give --model or --case")
@@ -260,14 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{backend}] rate {rate}: {workload}", flush=True)
                 figures = bench(root, model, args, rate, work, out / f"serve_throughput_{backend}_bench.log")
                 result["runs"][backend][rate] = figures
+                write(result, out)
                 print(f"[{backend}] rate {rate}: {figures['output_throughput']:.1f} output tok/s, "
                       f"p99 TTFT {figures['p99_ttft_ms']:.0f} ms, {figures['preemptions']:.0f} preemptions", flush=True)
         finally:
             if proc is not None:
                 stop_server(proc)
-    result["duo_over_stock"] = ratios(result["runs"])
-    path = out / "serve_throughput.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write(result, out)
     try:
         print(plot(path))
     except ImportError:

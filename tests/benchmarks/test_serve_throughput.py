@@ -54,3 +54,32 @@ def test_bad_arguments_name_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         serve_throughput.main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_merge_joins_one_backend_runs_and_refuses_other_workloads(tmp_path, capsys):
+    paths = []
+    for backend in ("stock", "duo"):
+        part = {**RESULT, "command": f"serve_throughput.py --backends {backend}", "server_args": ["--kv-cache-dtype", "fp8"],
+                "runs": {backend: RESULT["runs"][backend]}}
+        paths.append(tmp_path / f"{backend}.json")
+        paths[-1].write_text(json.dumps(part))
+    assert serve_throughput.main(["--merge", *map(str, paths), "--out", str(tmp_path / "both")]) == 0
+    merged = json.loads((tmp_path / "both" / "serve_throughput.json").read_text())
+    assert set(merged["runs"]) == {"stock", "duo"} and len(merged["command"]) == 2
+    assert merged["duo_over_stock"]["inf"]["output_throughput"] == pytest.approx(1.55)
+    assert "DUO / stock at rate inf: output tokens/s 1.55x" in capsys.readouterr().out
+
+    other = json.loads(paths[1].read_text())
+    other["workload"] = "8 requests"
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differs in workload"):
+        serve_throughput.main(["--merge", *map(str, paths), "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match=r"repeats backend \['stock'\]"):
+        serve_throughput.main(["--merge", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "bad")])
+
+
+def test_case_refuses_a_tokenizer_folder_without_a_tokenizer(tmp_path):
+    args = serve_throughput.argparse.Namespace(case="llama3-8b-gqa-50", model=None, patterns=str(tmp_path),
+                                               tokenizer=str(tmp_path), duo="{}", max_model_len=None)
+    with pytest.raises(SystemExit, match="no tokenizer.json there"):
+        serve_throughput.served_model(args)
