@@ -6,12 +6,18 @@ request at once, the memory-pressure case) over the same seeded random request m
 output lengths drawn uniformly from ``LEN * (1 +- range_ratio)`` (vLLM's ``random`` dataset). While
 a rate runs, ``/metrics`` is sampled for vLLM's KV-cache usage and preemption count. Reported per
 backend and rate: output tokens/s, requests/s, TTFT and TPOT p50/p99 (vLLM's figures), preemptions,
-peak KV usage; and DUO / stock per rate.
+peak KV usage; and DUO / stock per rate. First, the floor: stock's FLOPs over DUO's on the mix
+(``flop_ratio``). Long prompts with short outputs are compute-bound, so there DUO's speed-up stays near
+that ratio (1.28x for the Llama-3-8B shape at 50% with 32K-64K prompts and 256-token outputs), not near
+its KV capacity ratio. Only decode-heavy mixes (long outputs, large batches) turn the capacity into
+throughput.
 
     # GPU, Llama-3-8B shape (random weights) at 50% retrieval, 32K-64K prompts, FP8 KV:
     python benchmarks/serve_throughput.py --case llama3-8b-gqa-50 --patterns PATTERNS \\
         --input-len 48000 --range-ratio 0.33 --output-len 256 --num-prompts 64 --rates 0.5,1,inf \\
         --server-args "--kv-cache-dtype fp8" --out $OUT
+    # decode-heavy: the same prompts with 1.3K-2.7K-token outputs, where the KV capacity pays:
+    python benchmarks/serve_throughput.py --case llama3-8b-gqa-50 --patterns PATTERNS --output-len 2048 ... --rates inf
     # any model folder; CPU smoke run:
     python benchmarks/serve_throughput.py --model smollm2 --backends stock,duo --duo '{"sparsity": 0.5}' \\
         --input-len 300 --output-len 16 --num-prompts 8 --rates inf --server-args "--enforce-eager" --out OUT
@@ -42,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import CASES, model_dir
+from _common import CASES, model_dir, parameters
 from _load_server import free_port, read_metrics, stop_server, wait_healthy
 
 # vLLM bench's result keys reported here, in this order.
@@ -71,6 +77,37 @@ def served_model(args) -> tuple[str, dict, list[str]]:
     duo = {"pattern": str(Path(args.patterns) / case["pattern"]), "sparsity": case["sparsity"], **duo}
     max_len = args.max_model_len or max(case["lengths"])
     return str(folder), duo, ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", str(max_len)]
+
+
+def flop_ratio(config: dict, duo: dict, input_len: int, output_len: int, range_ratio: float) -> dict | None:
+    """Stock's FLOPs over DUO's on this mix: where a mix is compute-bound (long prompts, short
+    outputs) DUO's speed-up stays near it however much more KV DUO holds; it passes it only as far as
+    attention runs at a lower efficiency than the GEMMs (FA3 at long context does). Per request of n prompt and m output tokens: weights
+    2 P (n + m), causal attention 2 L H d n^2 over the prompt and 4 L H d (n + m / 2) m over the
+    outputs; DUO keeps that on the retrieval fraction and gives streaming heads their window
+    (sink + recent) only. Lengths are vLLM's uniform draw, so the moments are exact."""
+    from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK
+
+    if "sparsity" not in duo:
+        return None  # the retrieval fraction is the pattern's own: not known here
+    try:
+        params = parameters(config)
+        layers, q_heads = config["num_hidden_layers"], config["num_attention_heads"]
+        d = config.get("head_dim") or config["hidden_size"] // q_heads
+    except KeyError:
+        return None
+    retrieval = 1.0 - float(duo["sparsity"])
+    window = int(duo.get("sink", DEFAULT_SINK)) + int(duo.get("recent", DEFAULT_RECENT))
+    lo, hi = input_len * (1 - range_ratio), input_len * (1 + range_ratio)
+    n1, n2 = (lo + hi) / 2, (lo * lo + lo * hi + hi * hi) / 3  # E[n], E[n^2]
+    m = output_len  # E[m]; m and n are drawn independently
+    lhd = layers * q_heads * d
+    weights = 2 * params * (n1 + m)
+    stock_attn = 2 * lhd * n2 + 4 * lhd * (n1 + m / 2) * m
+    duo_attn = retrieval * stock_attn + (1 - retrieval) * 4 * lhd * window * (n1 + m)
+    return {"ratio": (weights + stock_attn) / (weights + duo_attn),
+            "attention_share_stock": stock_attn / (weights + stock_attn),
+            "retrieval_fraction": retrieval, "streaming_window_tokens": window, "parameters": params}
 
 
 def start(model: str, backend: str, duo: dict, server_args: list[str], log_path: Path, timeout: float):
@@ -157,6 +194,10 @@ def table(result: dict) -> str:
             lines.append(f"{backend:8} {rate:>6} {f['output_throughput']:10.1f} {f['request_throughput']:7.3f} "
                          f"{f['median_ttft_ms']:9.0f} {f['p99_ttft_ms']:9.0f} {f['median_tpot_ms']:9.1f} "
                          f"{f['p99_tpot_ms']:8.1f} {f['preemptions']:8.0f} {f['peak_kv_cache_usage']:8.2f}")
+    if result.get("flop_ratio"):
+        c = result["flop_ratio"]
+        lines.append(f"stock / DUO FLOPs on this mix: {c['ratio']:.2f}x (attention {c['attention_share_stock']:.0%} of "
+                     "stock's): a compute-bound run stays near it")
     for rate, r in result.get("duo_over_stock", {}).items():
         lines.append(f"DUO / stock at rate {rate}: output tokens/s {r['output_throughput']:.2f}x, requests/s "
                      f"{r['request_throughput']:.2f}x; stock / DUO p99 TTFT {r['p99_ttft_speedup']:.2f}, "
@@ -289,9 +330,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{round(args.input_len * (1 + args.range_ratio))} tokens, outputs "
                 f"{round(args.output_len * (1 - args.range_ratio))}-{round(args.output_len * (1 + args.range_ratio))}"
                 f" tokens (uniform, seed {args.seed})")
+    config = json.loads((Path(model) / "config.json").read_text()) if (Path(model) / "config.json").is_file() else {}
+    flops = flop_ratio(config, duo, args.input_len, args.output_len, args.range_ratio)
     result = {"command": shlex.join([sys.executable, *sys.argv]), "device": device_name(), "vllm": vllm.__version__,
               "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args,
-              "workload": workload, "rates": rates, "runs": {}}
+              "workload": workload, "flop_ratio": flops, "rates": rates, "runs": {}}
+    if flops:
+        print(f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%}"
+              " of stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio",
+              flush=True)
     for backend in backends:
         log_path = out / f"serve_throughput_{backend}.log"
         if args.server:

@@ -83,3 +83,32 @@ def test_case_refuses_a_tokenizer_folder_without_a_tokenizer(tmp_path):
                                                tokenizer=str(tmp_path), duo="{}", max_model_len=None)
     with pytest.raises(SystemExit, match="no tokenizer.json there"):
         serve_throughput.served_model(args)
+
+
+LLAMA = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+         "intermediate_size": 512, "vocab_size": 1000}
+
+
+def test_flop_ratio_matches_a_sum_over_drawn_lengths():
+    """The closed form (moments of vLLM's uniform draw) against summing every request's FLOPs."""
+    import numpy as np
+    from _common import parameters
+
+    duo = {"sparsity": 0.75, "sink": 8, "recent": 24}
+    got = serve_throughput.flop_ratio(LLAMA, duo, 3000, 40, 0.5)
+    lhd, params, window = 4 * 8 * 32, parameters(LLAMA), 32
+    n = np.linspace(1500, 4500, 200_001)  # prompt lengths, uniform; outputs fixed at their mean
+    weights = 2 * params * (n + 40)
+    stock = 2 * lhd * n**2 + 4 * lhd * (n + 20) * 40
+    duo_attn = 0.25 * stock + 0.75 * 4 * lhd * window * (n + 40)
+    assert got["ratio"] == pytest.approx((weights + stock).sum() / (weights + duo_attn).sum(), rel=1e-6)
+    assert got["attention_share_stock"] == pytest.approx(stock.sum() / (weights + stock).sum(), rel=1e-6)
+    assert got["streaming_window_tokens"] == window and got["retrieval_fraction"] == 0.25
+
+
+def test_flop_ratio_grows_with_the_prompt_and_needs_the_sparsity():
+    ratios = [serve_throughput.flop_ratio(LLAMA, {"sparsity": 0.5}, n, 256, 0.33)["ratio"] for n in (2048, 32768, 131072)]
+    assert 1.0 < ratios[0] < ratios[1] < ratios[2] < 2.0  # attention halves at most: never past 1 / 0.5
+    assert serve_throughput.flop_ratio(LLAMA, {"sparsity": 0.0}, 32768, 256, 0.33)["ratio"] == pytest.approx(1.0)
+    assert serve_throughput.flop_ratio(LLAMA, {}, 32768, 256, 0.33) is None  # the pattern's own sparsity: unknown
+    assert serve_throughput.flop_ratio({"hidden_size": 64}, {"sparsity": 0.5}, 32768, 256, 0.33) is None
