@@ -81,15 +81,20 @@ def served_model(args) -> tuple[str, dict, list[str]]:
 
 def flop_ratio(config: dict, duo: dict, input_len: int, output_len: int, range_ratio: float) -> dict | None:
     """Stock's FLOPs over DUO's on this mix: where a mix is compute-bound (long prompts, short
-    outputs) DUO's speed-up stays near it however much more KV DUO holds; it passes it only as far as
-    attention runs at a lower efficiency than the GEMMs (FA3 at long context does). Per request of n prompt and m output tokens: weights
-    2 P (n + m), causal attention 2 L H d n^2 over the prompt and 4 L H d (n + m / 2) m over the
-    outputs; DUO keeps that on the retrieval fraction and gives streaming heads their window
-    (sink + recent) only. Lengths are vLLM's uniform draw, so the moments are exact."""
+    outputs) DUO's speed-up stays near it however much more KV DUO holds; it passes it only as far
+    as attention runs at a lower efficiency than the GEMMs (FA3 at long context does).
+
+    Per request of n prompt and m output tokens: weights 2 P (n + m), causal attention 2 L H d n^2
+    over the prompt and 4 L H d (n + m / 2) m over the outputs; DUO keeps that on the retrieval
+    fraction and gives streaming heads their window (sink + recent) only. Lengths are vLLM's
+    uniform draw, so the moments are exact. None where the figure would be a guess: a pattern's
+    own sparsity (no ``sparsity`` option), or a config that is not a dense Llama-style decoder."""
     from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK
 
     if "sparsity" not in duo:
         return None  # the retrieval fraction is the pattern's own: not known here
+    if any(key in config for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return None  # MoE: the active weights per token are not parameters(config)
     try:
         params = parameters(config)
         layers, q_heads = config["num_hidden_layers"], config["num_attention_heads"]

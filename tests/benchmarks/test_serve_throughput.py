@@ -112,3 +112,5 @@ def test_flop_ratio_grows_with_the_prompt_and_needs_the_sparsity():
     assert serve_throughput.flop_ratio(LLAMA, {"sparsity": 0.0}, 32768, 256, 0.33)["ratio"] == pytest.approx(1.0)
     assert serve_throughput.flop_ratio(LLAMA, {}, 32768, 256, 0.33) is None  # the pattern's own sparsity: unknown
     assert serve_throughput.flop_ratio({"hidden_size": 64}, {"sparsity": 0.5}, 32768, 256, 0.33) is None
+    moe = {**LLAMA, "num_experts": 8}
+    assert serve_throughput.flop_ratio(moe, {"sparsity": 0.5}, 32768, 256, 0.33) is None
