@@ -6,11 +6,11 @@ request at once, the memory-pressure case) over the same seeded random request m
 output lengths drawn uniformly from ``LEN * (1 +- range_ratio)`` (vLLM's ``random`` dataset). While
 a rate runs, ``/metrics`` is sampled for vLLM's KV-cache usage and preemption count. Reported per
 backend and rate: output tokens/s, requests/s, TTFT and TPOT p50/p99 (vLLM's figures), preemptions,
-peak KV usage; and DUO / stock per rate. First, the floor: stock's FLOPs over DUO's on the mix
-(``flop_ratio``). Long prompts with short outputs are compute-bound, so there DUO's speed-up stays near
-that ratio (1.28x for the Llama-3-8B shape at 50% with 32K-64K prompts and 256-token outputs), not near
-its KV capacity ratio. Only decode-heavy mixes (long outputs, large batches) turn the capacity into
-throughput.
+peak KV usage, each server's KV capacity (its start-up log); and DUO / stock per rate. First, the
+floor: stock's FLOPs over DUO's on the mix (``flop_ratio``). Long prompts with short outputs are
+compute-bound, so there DUO's speed-up stays near that ratio (1.28x for the Llama-3-8B shape at 50%
+with 32K-64K prompts and 256-token outputs), not near its KV capacity ratio. Only decode-heavy mixes
+(long outputs, large batches) turn the capacity into throughput.
 
     # GPU, Llama-3-8B shape (random weights) at 50% retrieval, 32K-64K prompts, FP8 KV:
     python benchmarks/serve_throughput.py --case llama3-8b-gqa-50 --patterns PATTERNS \\
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -176,6 +177,12 @@ def bench(root: str, model: str, args, rate: str, result_dir: Path, log_path: Pa
     return figures
 
 
+def kv_tokens_from_log(text: str) -> int | None:
+    """The KV capacity vLLM logs at start-up ("GPU KV cache size: 892,256 tokens"; CPU alike)."""
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", text)
+    return int(found[-1].replace(",", "")) if found else None
+
+
 def ratios(runs: dict) -> dict:
     """DUO / stock per rate: throughput up is better, latency down is better (stock / DUO)."""
     out = {}
@@ -199,6 +206,9 @@ def table(result: dict) -> str:
             lines.append(f"{backend:8} {rate:>6} {f['output_throughput']:10.1f} {f['request_throughput']:7.3f} "
                          f"{f['median_ttft_ms']:9.0f} {f['p99_ttft_ms']:9.0f} {f['median_tpot_ms']:9.1f} "
                          f"{f['p99_tpot_ms']:8.1f} {f['preemptions']:8.0f} {f['peak_kv_cache_usage']:8.2f}")
+    kv = result.get("kv_tokens") or {}
+    if kv.get("stock") and kv.get("duo"):
+        lines.append(f"KV cache: stock {kv['stock']:,} tokens, DUO {kv['duo']:,} ({kv['duo'] / kv['stock']:.2f}x)")
     if result.get("flop_ratio"):
         c = result["flop_ratio"]
         lines.append(f"stock / DUO FLOPs on this mix: {c['ratio']:.2f}x (attention {c['attention_share_stock']:.0%} of "
@@ -243,9 +253,10 @@ def merge(paths: list[str]) -> dict:
                                  f"{first.get(key)!r}); merge only runs of one workload on one device")
         if set(part["runs"]) & set(first["runs"]):
             raise SystemExit(f"--merge: {path} repeats backend {sorted(set(part['runs']) & set(first['runs']))}")
-    result = {**first, "command": [p["command"] for p in parts], "runs": {}}
+    result = {**first, "command": [p["command"] for p in parts], "runs": {}, "kv_tokens": {}}
     for part in parts:
         result["runs"].update(part["runs"])
+        result["kv_tokens"].update(part.get("kv_tokens") or {})
     result["duo_over_stock"] = ratios(result["runs"])
     return result
 
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = flop_ratio(config, duo, args.input_len, args.output_len, args.range_ratio)
     result = {"command": shlex.join([sys.executable, *sys.argv]), "device": device_name(), "vllm": vllm.__version__,
               "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args,
-              "workload": workload, "flop_ratio": flops, "rates": rates, "runs": {}}
+              "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {}}
     if flops:
         print(f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%}"
               " of stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio",
@@ -350,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             proc, root = None, args.server.rstrip("/").removesuffix("/v1")
         else:
             proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout)
+        # a running server's log is not ours to read: its capacity stays unknown (None)
+        result["kv_tokens"][backend] = None if proc is None else kv_tokens_from_log(log_path.read_text(errors="replace"))
         try:
             result["runs"][backend] = {}
             for rate in rates:

@@ -60,12 +60,13 @@ def test_merge_joins_one_backend_runs_and_refuses_other_workloads(tmp_path, caps
     paths = []
     for backend in ("stock", "duo"):
         part = {**RESULT, "command": f"serve_throughput.py --backends {backend}", "server_args": ["--kv-cache-dtype", "fp8"],
-                "runs": {backend: RESULT["runs"][backend]}}
+                "runs": {backend: RESULT["runs"][backend]}, "kv_tokens": {backend: 1000 if backend == "stock" else 2000}}
         paths.append(tmp_path / f"{backend}.json")
         paths[-1].write_text(json.dumps(part))
     assert serve_throughput.main(["--merge", *map(str, paths), "--out", str(tmp_path / "both")]) == 0
     merged = json.loads((tmp_path / "both" / "serve_throughput.json").read_text())
     assert set(merged["runs"]) == {"stock", "duo"} and len(merged["command"]) == 2
+    assert merged["kv_tokens"] == {"stock": 1000, "duo": 2000}
     assert merged["duo_over_stock"]["inf"]["output_throughput"] == pytest.approx(1.55)
     assert "DUO / stock at rate inf: output tokens/s 1.55x" in capsys.readouterr().out
 
@@ -114,3 +115,15 @@ def test_flop_ratio_grows_with_the_prompt_and_needs_the_sparsity():
     assert serve_throughput.flop_ratio({"hidden_size": 64}, {"sparsity": 0.5}, 32768, 256, 0.33) is None
     moe = {**LLAMA, "num_experts": 8}
     assert serve_throughput.flop_ratio(moe, {"sparsity": 0.5}, 32768, 256, 0.33) is None
+
+
+def test_kv_tokens_from_the_start_up_log_and_in_the_table():
+    gpu = ("(EngineCore pid=2316) INFO 12-07 07:33:55 [kv_cache_utils.py:1147] GPU KV cache size: 892,256 tokens, "
+           "Maximum concurrency for 131,072 tokens per request: 6.81x")
+    cpu = "(MainProcess pid=2916) INFO 12-07 06:51:18 [kv_cache_utils.py:2327] CPU KV cache size: 381,300 tokens, Max"
+    assert serve_throughput.kv_tokens_from_log("start\n" + gpu + "\nready") == 892256
+    assert serve_throughput.kv_tokens_from_log(cpu) == 381300
+    assert serve_throughput.kv_tokens_from_log("no capacity line") is None
+    result = {**RESULT, "kv_tokens": {"stock": 892256, "duo": 1741280}}
+    assert "KV cache: stock 892,256 tokens, DUO 1,741,280 (1.95x)" in serve_throughput.table(result)
+    assert "KV cache" not in serve_throughput.table({**RESULT, "kv_tokens": {"stock": 892256}})

@@ -248,3 +248,9 @@ def test_throughput_script_measures_the_running_server(server, smollm2, tmp_path
     assert 0 < figures["peak_kv_cache_usage"] <= 1
     assert r["vllm"] and r["device"] == "cpu" and "serve_throughput.py" in r["command"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 0
+    # a running server's capacity is not the script's to read; one it starts is read from this same log line
+    assert r["kv_tokens"] == {"duo": None}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_throughput import kv_tokens_from_log
+
+    assert kv_tokens_from_log(server.log_text()) > 0, server.log_tail()
