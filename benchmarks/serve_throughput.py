@@ -244,7 +244,15 @@ def plot(path: Path) -> Path:
 
 def merge(paths: list[str]) -> dict:
     """One result of runs made one backend at a time over the same workload, on the same device."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = []
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--merge: cannot read {path}: {exc}") from None
+        if not isinstance(part, dict) or not isinstance(part.get("runs"), dict):
+            raise SystemExit(f"--merge: {path} is not a serve_throughput.py result (no \"runs\")")
+        parts.append(part)
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         for key in ("device", "vllm", "model_label", "workload", "server_args"):
@@ -257,7 +265,6 @@ def merge(paths: list[str]) -> dict:
     for part in parts:
         result["runs"].update(part["runs"])
         result["kv_tokens"].update(part.get("kv_tokens") or {})
-    result["duo_over_stock"] = ratios(result["runs"])
     return result
 
 
@@ -266,6 +273,16 @@ def write(result: dict, out: Path) -> Path:
     path = out / "serve_throughput.json"
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def report(result: dict, out: Path) -> None:
+    """The final JSON, its PNG where matplotlib is installed, and the table."""
+    path = write(result, out)
+    try:
+        print(plot(path))
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install '.[bench]'; then --plot)")
+    print(table(result))
 
 
 def device_name() -> str:
@@ -310,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = write(merge(args.merge), out)
-        try:
-            print(plot(path))
-        except ImportError:
-            print("matplotlib not installed: no PNG (pip install '.[bench]'; then --plot)")
-        print(table(json.loads(path.read_text())))
+        report(merge(args.merge), out)
         return 0
     if (args.model is None) == (args.case is None):
         parser.error("give --model or --case")
@@ -375,12 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if proc is not None:
                 stop_server(proc)
-    path = write(result, out)
-    try:
-        print(plot(path))
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install '.[bench]'; then --plot)")
-    print(table(result))
+    report(result, out)
     failed = sum(f["failed"] or 0 for runs in result["runs"].values() for f in runs.values())
     return 1 if failed else 0
 

@@ -77,6 +77,11 @@ def test_merge_joins_one_backend_runs_and_refuses_other_workloads(tmp_path, caps
         serve_throughput.main(["--merge", *map(str, paths), "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match=r"repeats backend \['stock'\]"):
         serve_throughput.main(["--merge", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="--merge: cannot read .*missing.json"):
+        serve_throughput.main(["--merge", str(paths[0]), str(tmp_path / "missing.json"), "--out", str(tmp_path / "bad")])
+    (tmp_path / "other.json").write_text('{"rates": ["inf"]}')
+    with pytest.raises(SystemExit, match="other.json is not a serve_throughput.py result"):
+        serve_throughput.main(["--merge", str(paths[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "bad")])
 
 
 def test_case_refuses_a_tokenizer_folder_without_a_tokenizer(tmp_path):
