@@ -235,9 +235,10 @@ def main() -> None:
     from duo_vllm.pattern import HeadPattern
     from duo_vllm.pattern_io import save_pattern
     from duo_vllm.reference import use_duo_reference
-    from duo_vllm.testing.haystack import haystack_tokens
+    from duo_vllm.testing.haystack import haystack_text, haystack_tokens
     from duo_vllm.testing.models import smollm2_path
 
+    haystack_text()  # the texts first: their error names the folder, before a minute of model conversion
     model = str(smollm2_path())
     tok = AutoTokenizer.from_pretrained(model)
     short = ["The capital of France is", "def fibonacci(n):",
