@@ -209,6 +209,11 @@ def table(result: dict) -> str:
     kv = result.get("kv_tokens") or {}
     if kv.get("stock") and kv.get("duo"):
         lines.append(f"KV cache: stock {kv['stock']:,} tokens, DUO {kv['duo']:,} ({kv['duo'] / kv['stock']:.2f}x)")
+    mix = result.get("mix_tokens")
+    fills = [f"{mix / tokens:.2f}x {backend}'s" for backend, tokens in kv.items() if tokens and mix]
+    if mix and fills:
+        lines.append(f"the whole mix at its end: {mix:,} tokens = {', '.join(fills)} KV (below 1: held all at once, "
+                     "no memory pressure)")
     if result.get("flop_ratio"):
         c = result["flop_ratio"]
         lines.append(f"stock / DUO FLOPs on this mix: {c['ratio']:.2f}x (attention {c['attention_share_stock']:.0%} of "
@@ -362,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     flops = flop_ratio(config, duo, args.input_len, args.output_len, args.range_ratio)
     result = {"command": shlex.join([sys.executable, *sys.argv]), "device": device_name(), "vllm": vllm.__version__,
               "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args,
-              "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {}}
+              "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {},
+              # every request's prompt and output at once (the mean lengths of the uniform draw)
+              "mix_tokens": args.num_prompts * (args.input_len + args.output_len)}
     if flops:
         print(f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%}"
               " of stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio",
@@ -375,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout)
         # a running server's log is not ours to read: its capacity stays unknown (None)
         result["kv_tokens"][backend] = None if proc is None else kv_tokens_from_log(log_path.read_text(errors="replace"))
+        if result["kv_tokens"][backend]:
+            fill = result["mix_tokens"] / result["kv_tokens"][backend]
+            print(f"[{backend}] KV cache {result['kv_tokens'][backend]:,} tokens: the whole mix at its end is {fill:.2f}x it"
+                  + (" (it fits: all at once is no memory pressure for this server)" if fill < 1 else ""), flush=True)
         try:
             result["runs"][backend] = {}
             for rate in rates:

@@ -132,3 +132,12 @@ def test_kv_tokens_from_the_start_up_log_and_in_the_table():
     result = {**RESULT, "kv_tokens": {"stock": 892256, "duo": 1741280}}
     assert "KV cache: stock 892,256 tokens, DUO 1,741,280 (1.95x)" in serve_throughput.table(result)
     assert "KV cache" not in serve_throughput.table({**RESULT, "kv_tokens": {"stock": 892256}})
+
+
+def test_the_table_says_how_far_the_mix_fills_each_servers_kv():
+    result = {**RESULT, "kv_tokens": {"stock": 892256, "duo": 1741280}, "mix_tokens": 160 * 9500}
+    line = [x for x in serve_throughput.table(result).splitlines() if x.startswith("the whole mix")]
+    assert line == ["the whole mix at its end: 1,520,000 tokens = 1.70x stock's, 0.87x duo's KV (below 1: held all "
+                    "at once, no memory pressure)"]
+    assert "whole mix" not in serve_throughput.table({**RESULT, "mix_tokens": 1000})  # no capacity known
+    assert "whole mix" not in serve_throughput.table({**RESULT, "kv_tokens": {"duo": None}, "mix_tokens": 1000})

@@ -249,7 +249,7 @@ def test_throughput_script_measures_the_running_server(server, smollm2, tmp_path
     assert r["vllm"] and r["device"] == "cpu" and "serve_throughput.py" in r["command"]
     assert (tmp_path / "serve_throughput.png").stat().st_size > 0
     # a running server's capacity is not the script's to read; one it starts is read from this same log line
-    assert r["kv_tokens"] == {"duo": None}
+    assert r["kv_tokens"] == {"duo": None} and r["mix_tokens"] == 6 * (300 + 8)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve_throughput import kv_tokens_from_log
 
