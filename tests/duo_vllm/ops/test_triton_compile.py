@@ -1,10 +1,10 @@
 """The CUDA path's Triton kernels compile for Hopper and Ampere, checked without a GPU.
 
 tests/helpers/triton_aot.py records every launch the wrappers make (decode, split decode with
-its merge, prefill, the fused KV store; bf16 and fp32; GQA, MHA, a group of 5, head size 80) and
-compiles each with Triton's ahead-of-time compiler for sm_90 and sm_80. It runs in child
-processes because this suite runs Triton in its interpreter (tests/conftest.py), one shard of the
-configurations per core (compiling is single-threaded).
+its merge, prefill, the fused KV store; bf16 on GQA, MHA, a group of 5 and head size 80, fp16 on
+GQA, FP8 caches) and compiles each with Triton's ahead-of-time compiler for sm_90 and sm_80. It
+runs in child processes because this suite runs Triton in its interpreter (tests/conftest.py), one
+shard of the configurations per core (compiling is single-threaded).
 """
 
 from __future__ import annotations
@@ -39,5 +39,5 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80():
     for arch in ("sm_90", "sm_80"):
         for kernel in KERNELS:
             assert any(line.startswith(f"{arch} {kernel} ") for line in lines), f"{kernel} not compiled for {arch}"
-    # the split decode ran with two split counts: two merge configurations per dtype and shape
-    assert sum(line.startswith("sm_90 _merge_splits_kernel ") for line in lines) >= 2 * 4 * 2
+    # the split decode ran with two split counts: two merge configurations per shape in bf16 (4), fp16 (1)
+    assert sum(line.startswith("sm_90 _merge_splits_kernel ") for line in lines) >= 2 * (4 + 1)
