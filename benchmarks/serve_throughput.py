@@ -241,6 +241,7 @@ def plot(path: Path) -> Path:
     for ax, title in ((ax_tp, "output tokens/s"), (ax_ttft, "p99 TTFT (s)")):
         ax.set_xticks(list(xs), [f"{r} req/s" if r != "inf" else "all at once" for r in rates])
         ax.set_title(title)
+        ax.set_ylim(bottom=0)  # from zero: the gap between the backends at its true scale
         ax.legend()
     fig.suptitle(f"{result['model_label']} on {result['device']}, vLLM {result['vllm']}: "
                  f"{result['workload']}", fontsize=9)
