@@ -116,6 +116,12 @@ def flop_ratio(config: dict, duo: dict, input_len: int, output_len: int, range_r
             "retrieval_fraction": retrieval, "streaming_window_tokens": window, "parameters": params}
 
 
+def flop_line(flops: dict) -> str:
+    """``flop_ratio``'s figure as the run prints it first and the table repeats it."""
+    return (f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%} of "
+            "stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio")
+
+
 def start(model: str, backend: str, duo: dict, server_args: list[str], log_path: Path, timeout: float):
     port = free_port()
     extra = ["--attention-backend", "DUO", "--additional-config", json.dumps({"duo": duo})] if backend == "duo" else []
@@ -215,9 +221,7 @@ def table(result: dict) -> str:
         lines.append(f"the whole mix at its end: {mix:,} tokens = {', '.join(fills)} KV (below 1: held all at once, "
                      "no memory pressure)")
     if result.get("flop_ratio"):
-        c = result["flop_ratio"]
-        lines.append(f"stock / DUO FLOPs on this mix: {c['ratio']:.2f}x (attention {c['attention_share_stock']:.0%} of "
-                     "stock's): a compute-bound run stays near it")
+        lines.append(flop_line(result["flop_ratio"]))
     for rate, r in result.get("duo_over_stock", {}).items():
         lines.append(f"DUO / stock at rate {rate}: output tokens/s {r['output_throughput']:.2f}x, requests/s "
                      f"{r['request_throughput']:.2f}x; stock / DUO p99 TTFT {r['p99_ttft_speedup']:.2f}, "
@@ -372,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
               # every request's prompt and output at once (the mean lengths of the uniform draw)
               "mix_tokens": args.num_prompts * (args.input_len + args.output_len)}
     if flops:
-        print(f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%}"
-              " of stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio",
-              flush=True)
+        print(flop_line(flops), flush=True)
     for backend in backends:
         log_path = out / f"serve_throughput_{backend}.log"
         if args.server:
