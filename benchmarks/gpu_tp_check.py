@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WHO = ("stock", "DUO", "DUO-full")
+NEW_TOKENS = 32  # greedy tokens per prompt, engines and reference alike
 RUN_GRAMMAR = "WHO [TPn] [PPn] [ray], WHO one of stock, DUO, DUO-full (e.g. 'DUO TP2', 'stock PP2', 'DUO TP2 ray')"
 
 
@@ -113,7 +114,7 @@ def greedy(model: str, prompts, run: Run, duo: dict | None) -> tuple[list[list[i
     t = time.time()
     llm = LLM(**kwargs)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
     llm.llm_engine.engine_core.shutdown(timeout=60)
     return [list(o.outputs[0].token_ids) for o in outs], round(time.time() - t, 1)
 
@@ -135,7 +136,7 @@ def reference_tokens(model: str, prompts, mask, sink: int, recent: int) -> list[
     out = []
     with torch.no_grad():
         for ids in prompts:
-            generated = hf.generate(torch.tensor([ids], device="cuda:0"), max_new_tokens=32, min_new_tokens=32,
+            generated = hf.generate(torch.tensor([ids], device="cuda:0"), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                     do_sample=False, pad_token_id=hf.config.eos_token_id)
             out.append(generated[0, len(ids):].tolist())
     del hf
