@@ -10,7 +10,9 @@ peak KV usage, each server's KV capacity (its start-up log); and DUO / stock per
 floor: stock's FLOPs over DUO's on the mix (``flop_ratio``). Long prompts with short outputs are
 compute-bound, so there DUO's speed-up stays near that ratio (1.28x for the Llama-3-8B shape at 50%
 with 32K-64K prompts and 256-token outputs), not near its KV capacity ratio. Only decode-heavy mixes
-(long outputs, large batches) turn the capacity into throughput.
+(long outputs, large batches) turn the capacity into throughput. After the runs, each server's
+prefill and decode speeds read from its own log give the ratio the mix allows (``_engine_phases``:
+the two phases add up, so the prefill share caps the ratio), printed beside the measured one.
 
     # GPU, Llama-3-8B shape (random weights) at 50% retrieval, 32K-64K prompts, FP8 KV:
     python benchmarks/serve_throughput.py --case llama3-8b-gqa-50 --patterns PATTERNS \\
@@ -50,11 +52,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import CASES, model_dir, parameters
+from _engine_phases import phase_line, phase_model, phase_rates
 from _load_server import free_port, read_metrics, stop_server, wait_healthy
 
 # vLLM bench's result keys reported here, in this order.
 FIGURES = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
-           "p99_tpot_ms", "completed", "total_output_tokens", "duration")
+           "p99_tpot_ms", "completed", "total_input_tokens", "total_output_tokens", "duration")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -222,6 +225,8 @@ def table(result: dict) -> str:
                      "no memory pressure)")
     if result.get("flop_ratio"):
         lines.append(flop_line(result["flop_ratio"]))
+    if result.get("phase_model"):
+        lines.append(phase_line(result["phase_model"]))
     for rate, r in result.get("duo_over_stock", {}).items():
         lines.append(f"DUO / stock at rate {rate}: output tokens/s {r['output_throughput']:.2f}x, requests/s "
                      f"{r['request_throughput']:.2f}x; stock / DUO p99 TTFT {r['p99_ttft_speedup']:.2f}, "
@@ -271,15 +276,32 @@ def merge(paths: list[str]) -> dict:
                                  f"{first.get(key)!r}); merge only runs of one workload on one device")
         if set(part["runs"]) & set(first["runs"]):
             raise SystemExit(f"--merge: {path} repeats backend {sorted(set(part['runs']) & set(first['runs']))}")
-    result = {**first, "command": [p["command"] for p in parts], "runs": {}, "kv_tokens": {}}
-    for part in parts:
+    result = {**first, "command": [p["command"] for p in parts], "runs": {}, "kv_tokens": {}, "phase_rates": {}}
+    for path, part in zip(paths, parts):
         result["runs"].update(part["runs"])
         result["kv_tokens"].update(part.get("kv_tokens") or {})
+        result["phase_rates"].update(part.get("phase_rates") or {})
+        for backend in part["runs"]:  # a part run before phase rates were recorded: its server log, if beside it
+            log = Path(path).parent / f"serve_throughput_{backend}.log"
+            if result["phase_rates"].get(backend) is None and log.is_file():
+                result["phase_rates"][backend] = phase_rates(log.read_text(errors="replace"))
     return result
+
+
+def mix_phase_model(result: dict) -> dict | None:
+    """The two-phase model (``_engine_phases``) of the all-at-once run, from its token counts (a
+    run without ``total_input_tokens``: the nominal mix less its measured outputs)."""
+    stock = result["runs"].get("stock", {}).get("inf")
+    if not stock or not stock.get("total_output_tokens"):
+        return None
+    output = stock["total_output_tokens"]
+    prompt = stock.get("total_input_tokens") or (result.get("mix_tokens") or 0) - output
+    return phase_model(result.get("phase_rates") or {}, prompt, output)
 
 
 def write(result: dict, out: Path) -> Path:
     result["duo_over_stock"] = ratios(result["runs"])
+    result["phase_model"] = mix_phase_model(result)
     path = out / "serve_throughput.json"
     path.write_text(json.dumps(result, indent=2))
     return path
@@ -372,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = flop_ratio(config, duo, args.input_len, args.output_len, args.range_ratio)
     result = {"command": shlex.join([sys.executable, *sys.argv]), "device": device_name(), "vllm": vllm.__version__,
               "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args,
-              "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {},
+              "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {}, "phase_rates": {},
               # every request's prompt and output at once (the mean lengths of the uniform draw)
               "mix_tokens": args.num_prompts * (args.input_len + args.output_len)}
     if flops:
@@ -401,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if proc is not None:
                 stop_server(proc)
+                result["phase_rates"][backend] = phase_rates(log_path.read_text(errors="replace"))
     report(result, out)
     failed = sum(f["failed"] or 0 for runs in result["runs"].values() for f in runs.values())
     return 1 if failed else 0

@@ -141,3 +141,25 @@ def test_the_table_says_how_far_the_mix_fills_each_servers_kv():
                     "at once, no memory pressure)"]
     assert "whole mix" not in serve_throughput.table({**RESULT, "mix_tokens": 1000})  # no capacity known
     assert "whole mix" not in serve_throughput.table({**RESULT, "kv_tokens": {"duo": None}, "mix_tokens": 1000})
+
+
+def test_merge_reads_each_servers_log_beside_its_part_for_the_two_phase_model(tmp_path, capsys):
+    from .test_engine_phases import log
+
+    speeds = {"stock": (36000, 3000), "duo": (36000, 6000)}
+    paths = []
+    for backend, (prefill, decode) in speeds.items():
+        (tmp_path / backend).mkdir()
+        runs = {"inf": {**figures(200 if backend == "stock" else 310, 30000, 80), "total_output_tokens": 300_000}}
+        part = {**RESULT, "rates": ["inf"], "runs": {backend: runs}, "mix_tokens": 3_900_000}
+        paths.append(tmp_path / backend / "serve_throughput.json")
+        paths[-1].write_text(json.dumps(part))
+        (tmp_path / backend / f"serve_throughput_{backend}.log").write_text(
+            log((prefill, 100, 50, 200), (0, decode, 100, 150)))
+    assert serve_throughput.main(["--merge", *map(str, paths), "--out", str(tmp_path / "both")]) == 0
+    merged = json.loads((tmp_path / "both" / "serve_throughput.json").read_text())
+    assert merged["phase_rates"]["duo"]["decode_tokens_per_s"] == 6000
+    # 3.6M prompt tokens (the mix less its outputs): 100 s of prefill on both; decode 100 s and 50 s
+    assert merged["phase_model"]["predicted_ratio"] == pytest.approx(200 / 150)
+    assert "so all at once DUO / stock = 1.33x" in capsys.readouterr().out
+    assert serve_throughput.mix_phase_model({**merged, "runs": {"duo": merged["runs"]["duo"]}}) is None
