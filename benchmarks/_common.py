@@ -42,11 +42,27 @@ LLAMA2_7B = {
     **LLAMA3_8B, "intermediate_size": 11008, "num_key_value_heads": 32, "vocab_size": 32000,
     "rope_theta": 10000.0, "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
 }
-# kv_capacity.py: name -> (config, pattern folder, sparsity, max_model_len)
+# Qwen3-30B-A3B (its config.json): sparse-MoE MLPs, 128 experts of which 8 per token, q/k norms.
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+    "hidden_act": "silu", "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": None,
+}
+# kv_capacity.py: name -> (config, pattern folder, sparsity, max_model_len). A pattern folder of
+# None: no DuoAttention pattern was published for the shape; it serves seeded random gates
+# (``case_pattern``).
 SHAPES = {
     "llama3-8b-gqa-50": (LLAMA3_8B, "Llama-3-8B-Instruct-Gradient-1048k", 0.5, 131072),
     "llama2-7b-mha-25": (LLAMA2_7B, "Llama-2-7B-32K-Instruct", 0.75, 32768),
+    "qwen3-30b-a3b-moe-50": (QWEN3_30B_A3B, None, 0.5, 40960),
 }
+# kv_capacity.py measures these unless --shapes names others (the MoE shape's 61 GB of weights
+# leave an 80 GB card little KV in bf16: ask for it by name).
+DEFAULT_SHAPES = ("llama3-8b-gqa-50", "llama2-7b-mha-25")
 # duo_speed.py and profile_decode.py: batch-1 lengths and (length, count) throughput workloads.
 # Scripts that change a case for one run copy it (``{**CASES[name], ...}``): this table stays as is.
 CASES = {
@@ -55,7 +71,35 @@ CASES = {
     "llama2-7b-mha-25": {"config": {**LLAMA2_7B, "max_position_embeddings": 131072},
                          "pattern": "Llama-2-7B-32K-Instruct", "sparsity": 0.75, "lengths": [32768, 65536],
                          "throughput": []},
+    "qwen3-30b-a3b-moe-50": {"config": QWEN3_30B_A3B, "pattern": None, "sparsity": 0.5,
+                             "lengths": [16384, 40960], "throughput": [(16384, 32)]},
 }
+
+
+def case_pattern(pattern: str | None, config: dict, sparsity: float, patterns: str | None, seed: int = 0) -> str:
+    """The pattern folder a case serves: the published one under ``patterns``, or for a shape with
+    none published, seeded uniform random gates of its layers x KV heads written to a fresh folder.
+    Random gates are enough there: on random weights only how many heads stream matters (KV
+    capacity and speed), not which; quality is measured on real models (``duo_vllm.eval``)."""
+    if pattern is not None:
+        if not patterns:
+            raise SystemExit(f"--patterns is required for {pattern} (the folder of the published DuoAttention patterns)")
+        return str(Path(patterns) / pattern)
+    import numpy as np
+
+    from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK
+    from duo_vllm.pattern import HeadPattern
+    from duo_vllm.pattern_io import save_pattern
+
+    shape = (config["num_hidden_layers"], config["num_key_value_heads"])
+    gates = np.random.default_rng(seed).random(shape).astype(np.float32)
+    folder = Path(tempfile.mkdtemp(prefix="duo-shape-pattern-"))
+    save_pattern(HeadPattern(gates, sink_size=DEFAULT_SINK, recent_size=DEFAULT_RECENT,
+                             model_name=config["architectures"][0], sparsity=sparsity,
+                             provenance={"derivation": f"uniform random gates, seed {seed}, for a random-weight "
+                                                       f"{config['model_type']} shape (no published pattern)"}),
+                 folder)
+    return str(folder)
 
 # --backends: each engine's DUO options from the case's (None: stock FLASH_ATTN). The variants
 # change one option.
@@ -154,13 +198,27 @@ def device_floors(device: str, bandwidth: float | None = None, peak_flops: float
                         peak_flops=peak_flops if peak_flops is not None else known[1])
 
 
-def parameters(config: dict) -> int:
-    """Weights of a Llama-style config (attention, gated MLP, embeddings and LM head)."""
-    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
-    d = config.get("head_dim", h // config["num_attention_heads"])
+def parameters(config: dict, *, active: bool = True) -> int:
+    """Weights of a Llama-style config (attention, gated MLP, embeddings and LM head); for sparse-MoE
+    MLPs (Qwen3-MoE's ``num_experts``, Mixtral's ``num_local_experts``) the weights one token runs
+    through (``active``: its top-k experts and the router), else every expert. Raises ValueError for
+    other MoE layouts (shared experts, MLA), whose count this does not know."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    d = config.get("head_dim") or h // config["num_attention_heads"]
     attn = h * config["num_attention_heads"] * d * 2 + h * config["num_key_value_heads"] * d * 2
     embed = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * (attn + 3 * h * inter) + embed
+    if "n_routed_experts" in config or "n_shared_experts" in config:
+        raise ValueError("parameters(): MoE layouts with shared or routed-expert groups are not counted here")
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not experts:
+        return layers * (attn + 3 * h * config["intermediate_size"]) + embed
+    expert_inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    used = config["num_experts_per_tok"] if active else experts
+    moe_mlp = used * 3 * h * expert_inter + h * experts  # the experts a token runs, and the router
+    dense_mlp = 3 * h * config["intermediate_size"]
+    step, dense_layers = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or ())
+    mlps = sum(dense_mlp if (i in dense_layers or (i + 1) % step) else moe_mlp for i in range(layers))
+    return layers * attn + mlps + embed
 
 
 def floors(config: dict, report: dict, n: int, device: DeviceFloors) -> dict:

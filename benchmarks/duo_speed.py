@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
     BACKENDS,
     CASES,
     DeviceFloors,
+    case_pattern,
     device_floors,
     duo_report,
     engine_kwargs,
@@ -207,7 +208,8 @@ def run_case(name: str, case: dict, patterns: str, out: Path, decode_tokens: int
     import torch
 
     model = model_dir(case["config"])
-    duo = {"pattern": str(Path(patterns) / case["pattern"]), "sparsity": case["sparsity"]}
+    duo = {"pattern": case_pattern(case["pattern"], case["config"], case["sparsity"], patterns),
+           "sparsity": case["sparsity"]}
     max_len = max(case["lengths"] + [n for n, _ in case["throughput"]]) + OUTPUT_TOKENS + 16
     report = duo_report(engine_kwargs(model, max_len, 0.9, duo, kv_cache_dtype=kv_cache_dtype))
     report["streaming_window_tokens"] = report["streaming_bytes_per_request"] // max(
@@ -216,7 +218,7 @@ def run_case(name: str, case: dict, patterns: str, out: Path, decode_tokens: int
 
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__, "case": name,
                "kv_cache_dtype": kv_cache_dtype,
-               "pattern": case["pattern"], "sparsity": case["sparsity"],
+               "pattern": case["pattern"] or "seeded random gates (no published pattern)", "sparsity": case["sparsity"],
                "command": " ".join(["python", "benchmarks/duo_speed.py", *sys.argv[1:]]),
                "device_floors": device.as_json(),
                "duo_report": report, "floors": {}}
@@ -391,7 +393,7 @@ def main() -> None:
         path.write_text(json.dumps({"cases": cases}, indent=2))
         print(path)
         return
-    if not (args.patterns and args.case):
+    if not args.case or (CASES[args.case]["pattern"] and not args.patterns):
         parser.error("--case and --patterns (the published DuoAttention pattern folders) are required")
     case = dict(CASES[args.case])  # this run's lengths and workloads; CASES stays as it is
     if args.lengths:

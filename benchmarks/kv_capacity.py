@@ -10,7 +10,9 @@ long prompt (the new layout runs end to end), shut it down. Writes JSON and prin
     python benchmarks/kv_capacity.py --plot benchmarks/results/kv_capacity.json
 
 Shapes: Llama-3-8B (GQA, 8 KV heads) with the Llama-3-8B-Instruct-Gradient-1048k pattern at 50%
-retrieval; Llama-2-7B (MHA) with the Llama-2-7B-32K-Instruct pattern at 25% retrieval.
+retrieval; Llama-2-7B (MHA) with the Llama-2-7B-32K-Instruct pattern at 25% retrieval; by name
+(``--shapes qwen3-30b-a3b-moe-50``), Qwen3-30B-A3B (sparse MoE, 4 KV heads) at 50% with seeded
+random gates, since no pattern was published for it (on random weights only the count matters).
 ``--kv-cache-dtypes auto,fp8`` measures both at each KV-cache dtype (``--kv-cache-dtype fp8``
 halves every page, DUO's two groups included), so the table has stock-bf16, stock-fp8, DUO-bf16
 and DUO-fp8 side by side.
@@ -29,7 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import SHAPES, duo_report, engine_kwargs, model_dir, set_engine_environment, synthetic_prompt  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_SHAPES,
+    SHAPES,
+    case_pattern,
+    duo_report,
+    engine_kwargs,
+    model_dir,
+    set_engine_environment,
+    synthetic_prompt,
+)
 
 set_engine_environment()  # before vLLM is imported
 from _plots import backend_label, save_png, subplots  # noqa: E402
@@ -89,14 +100,19 @@ def main() -> None:
     parser.add_argument("--patterns", help="folder with the published DuoAttention patterns")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                        help=f"comma-separated, from: {', '.join(SHAPES)}")
     parser.add_argument("--kv-cache-dtypes", default="auto",
                         help="comma-separated --kv-cache-dtype values to measure (e.g. auto,fp8)")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
         return
-    if not args.patterns:
+    shapes = args.shapes.split(",")
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    if not args.patterns and any(SHAPES[name][1] for name in shapes):
         parser.error("--patterns is required (the published DuoAttention pattern folders)")
     import torch
     import vllm
@@ -104,10 +120,10 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__,
                "gpu_memory_utilization": args.gpu_memory_utilization,
                "command": " ".join(["python", "benchmarks/kv_capacity.py", *sys.argv[1:]]), "shapes": {}}
-    for name in args.shapes.split(","):
+    for name in shapes:
         config, pattern, sparsity, max_len = SHAPES[name]
         model = model_dir(config)
-        duo = {"pattern": str(Path(args.patterns) / pattern), "sparsity": sparsity}
+        duo = {"pattern": case_pattern(pattern, config, sparsity, args.patterns), "sparsity": sparsity}
         runs = {}
         for kv_dtype in args.kv_cache_dtypes.split(","):
             stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype)

@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     BACKENDS,
     CASES,
     DeviceFloors,
+    case_pattern,
     device_floors,
     duo_report,
     engine_kwargs,
@@ -233,14 +234,15 @@ def main() -> None:
     if args.plot:
         print(plot(args.plot))
         return
-    if not (args.case and args.patterns):
+    if not args.case or (CASES[args.case]["pattern"] and not args.patterns):
         parser.error("--case and --patterns are required (or --plot FILE.json)")
     backends = parse_backends(parser, args.backends)
     import torch
 
     case = CASES[args.case]
     model = model_dir(case["config"])
-    duo = {"pattern": str(Path(args.patterns) / case["pattern"]), "sparsity": case["sparsity"]}
+    duo = {"pattern": case_pattern(case["pattern"], case["config"], case["sparsity"], args.patterns),
+           "sparsity": case["sparsity"]}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"device": device, "case": args.case, "context": args.context,
               "mode": "CUDA graphs" if args.cuda_graphs else "eager",

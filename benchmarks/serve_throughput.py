@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import CASES, model_dir, parameters
+from _common import CASES, case_pattern, model_dir, parameters
 from _engine_phases import phase_line, phase_model, phase_rates
 from _load_server import free_port, read_metrics, stop_server, wait_healthy
 
@@ -78,7 +78,8 @@ def served_model(args) -> tuple[str, dict, list[str]]:
     for name in TOKENIZER_FILES:
         if (tokenizer / name).exists():
             shutil.copy(tokenizer / name, folder / name)
-    duo = {"pattern": str(Path(args.patterns) / case["pattern"]), "sparsity": case["sparsity"], **duo}
+    pattern = case_pattern(case["pattern"], case["config"], case["sparsity"], args.patterns)
+    duo = {"pattern": pattern, "sparsity": case["sparsity"], **duo}
     max_len = args.max_model_len or max(case["lengths"])
     return str(folder), duo, ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", str(max_len)]
 
@@ -92,18 +93,16 @@ def flop_ratio(config: dict, duo: dict, input_len: int, output_len: int, range_r
     over the prompt and 4 L H d (n + m / 2) m over the outputs; DUO keeps that on the retrieval
     fraction and gives streaming heads their window (sink + recent) only. Lengths are vLLM's
     uniform draw, so the moments are exact. None where the figure would be a guess: a pattern's
-    own sparsity (no ``sparsity`` option), or a config that is not a dense Llama-style decoder."""
+    own sparsity (no ``sparsity`` option), or a config ``parameters`` cannot count (weights per token)."""
     from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK
 
     if "sparsity" not in duo:
         return None  # the retrieval fraction is the pattern's own: not known here
-    if any(key in config for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return None  # MoE: the active weights per token are not parameters(config)
     try:
-        params = parameters(config)
+        params = parameters(config)  # per token: a sparse-MoE model's active experts
         layers, q_heads = config["num_hidden_layers"], config["num_attention_heads"]
         d = config.get("head_dim") or config["hidden_size"] // q_heads
-    except KeyError:
+    except (KeyError, ValueError):
         return None
     retrieval = 1.0 - float(duo["sparsity"])
     window = int(duo.get("sink", DEFAULT_SINK)) + int(duo.get("recent", DEFAULT_RECENT))
@@ -363,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if (args.model is None) == (args.case is None):
         parser.error("give --model or --case")
-    if args.case and not args.patterns:
+    if args.case and CASES[args.case]["pattern"] and not args.patterns:
         parser.error("--case needs --patterns (the published DuoAttention pattern folders)")
     backends = args.backends.split(",")
     if set(backends) - {"stock", "duo"}:

@@ -17,7 +17,10 @@ from _common import (
     CASES,
     LLAMA2_7B,
     LLAMA3_8B,
+    QWEN3_30B_A3B,
+    SHAPES,
     DeviceFloors,
+    case_pattern,
     device_floors,
     engine_kwargs,
     floors,
@@ -91,6 +94,52 @@ def test_parameters_of_the_real_shapes():
     norms = 32 * 2 * 4096 + 4096
     assert parameters(LLAMA3_8B) == 8_030_261_248 - norms
     assert parameters(LLAMA2_7B) == 6_738_415_616 - norms
+
+
+def test_parameters_of_a_sparse_moe_shape_count_the_experts_a_token_runs():
+    # Qwen3-30B-A3B's model card: 30.5B in all, 29.9B without the embeddings, 3.3B activated
+    total, active = parameters(QWEN3_30B_A3B, active=False), parameters(QWEN3_30B_A3B)
+    embeddings = 2 * 151936 * 2048
+    assert total == pytest.approx(30.5e9, rel=2e-3) and total - embeddings == pytest.approx(29.9e9, rel=2e-3)
+    assert active == pytest.approx(3.3e9, rel=2e-2)
+    # a dense layer among the MoE ones (mlp_only_layers) runs the whole intermediate MLP
+    one_dense = {**QWEN3_30B_A3B, "mlp_only_layers": [0]}
+    h, moe = 2048, 8 * 3 * 2048 * 768 + 2048 * 128
+    assert parameters(one_dense) - active == 3 * h * 6144 - moe
+    # decoder_sparse_step 2: every other layer is MoE
+    assert parameters({**QWEN3_30B_A3B, "decoder_sparse_step": 2}) - active == 24 * (3 * h * 6144 - moe)
+    # Mixtral-style experts (num_local_experts, intermediate_size per expert)
+    mixtral = {**LLAMA3_8B, "num_local_experts": 8, "num_experts_per_tok": 2}
+    assert parameters(mixtral) - parameters(LLAMA3_8B) == 32 * (3 * 4096 * 14336 + 4096 * 8)
+    assert parameters(mixtral, active=False) - parameters(LLAMA3_8B) == 32 * (7 * 3 * 4096 * 14336 + 4096 * 8)
+    with pytest.raises(ValueError, match="shared or routed-expert"):
+        parameters({**LLAMA3_8B, "n_routed_experts": 64, "n_shared_experts": 2})
+
+
+def test_case_pattern_published_or_seeded_random(tmp_path):
+    from duo_vllm.pattern_io import load_pattern
+
+    assert case_pattern("Llama-2-7B-32K-Instruct", LLAMA2_7B, 0.75, str(tmp_path)) == str(
+        tmp_path / "Llama-2-7B-32K-Instruct")
+    with pytest.raises(SystemExit, match="--patterns is required for Llama-2-7B-32K-Instruct"):
+        case_pattern("Llama-2-7B-32K-Instruct", LLAMA2_7B, 0.75, None)
+    first, again, other = (load_pattern(case_pattern(None, QWEN3_30B_A3B, 0.5, None, seed=s)) for s in (0, 0, 1))
+    assert first.gates.shape == (48, 4) and first.sparsity == 0.5
+    assert (first.gates == again.gates).all() and not (first.gates == other.gates).all()
+    assert "uniform random gates, seed 0" in first.provenance["derivation"]
+
+
+def test_the_moe_case_is_planned_by_duo_with_its_random_pattern():
+    """What the GPU run of the case will serve, planned from the config as DUO's front-end plans it
+    (vLLM's EngineArgs, no engine, no weights): half the KV heads' bytes per token, about 2x."""
+    from _common import duo_report
+
+    config, pattern, sparsity, max_len = SHAPES["qwen3-30b-a3b-moe-50"]
+    duo = {"pattern": case_pattern(pattern, config, sparsity, None), "sparsity": sparsity}
+    report = duo_report(engine_kwargs(model_dir(config), max_len, 0.9, duo))
+    assert report["stock_bytes_per_token"] == 48 * 4 * 128 * 2 * 2  # bf16 K and V of every KV head
+    assert report["retrieval_bytes_per_token"] == report["stock_bytes_per_token"] // 2
+    assert 1.9 < report["planned_ratio"] <= report["theoretical_ratio"] < 2.0
 
 
 def test_floors_scale_with_the_device():
@@ -168,6 +217,12 @@ def test_model_dir_holds_the_config():
 def test_cases_patterns_and_shapes():
     for case in CASES.values():
         assert 0 < case["sparsity"] < 1 and case["lengths"] == sorted(case["lengths"])
+        assert max(case["lengths"]) <= case["config"]["max_position_embeddings"]
+    for name, (config, pattern, sparsity, max_len) in SHAPES.items():
+        assert max_len <= config["max_position_embeddings"], name
+        if name in CASES:  # one shape, one pattern and sparsity, whichever script runs it
+            assert (CASES[name]["pattern"], CASES[name]["sparsity"]) == (pattern, sparsity)
+    assert set(_common.DEFAULT_SHAPES) <= set(SHAPES)
     assert CASES["llama2-7b-mha-25"]["config"]["max_position_embeddings"] >= max(CASES["llama2-7b-mha-25"]["lengths"])
     assert LLAMA2_7B["max_position_embeddings"] == 32768  # the table's raised limit is a copy
 

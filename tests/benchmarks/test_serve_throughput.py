@@ -118,8 +118,19 @@ def test_flop_ratio_grows_with_the_prompt_and_needs_the_sparsity():
     assert serve_throughput.flop_ratio(LLAMA, {"sparsity": 0.0}, 32768, 256, 0.33)["ratio"] == pytest.approx(1.0)
     assert serve_throughput.flop_ratio(LLAMA, {}, 32768, 256, 0.33) is None  # the pattern's own sparsity: unknown
     assert serve_throughput.flop_ratio({"hidden_size": 64}, {"sparsity": 0.5}, 32768, 256, 0.33) is None
-    moe = {**LLAMA, "num_experts": 8}
+    moe = {**LLAMA, "num_experts": 8}  # no top-k: the weights a token runs are unknown
     assert serve_throughput.flop_ratio(moe, {"sparsity": 0.5}, 32768, 256, 0.33) is None
+    deepseek = {**LLAMA, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6}
+    assert serve_throughput.flop_ratio(deepseek, {"sparsity": 0.5}, 32768, 256, 0.33) is None
+
+
+def test_flop_ratio_of_a_sparse_moe_counts_the_active_experts():
+    from _common import QWEN3_30B_A3B, parameters
+
+    got = serve_throughput.flop_ratio(QWEN3_30B_A3B, {"sparsity": 0.5}, 16384, 256, 0.33)
+    assert got["parameters"] == parameters(QWEN3_30B_A3B) < parameters(QWEN3_30B_A3B, active=False) / 9
+    # 3.4B weights a token runs against 48 layers x 32 heads of attention: half the FLOPs at 16K
+    assert 0.45 < got["attention_share_stock"] < 0.55 and 1.25 < got["ratio"] < 1.4
 
 
 def test_kv_tokens_from_the_start_up_log_and_in_the_table():
