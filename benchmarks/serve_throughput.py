@@ -121,7 +121,8 @@ def flop_ratio(config: dict, duo: dict, input_len: int, output_len: int, range_r
 def flop_line(flops: dict) -> str:
     """``flop_ratio``'s figure as the run prints it first and the table repeats it."""
     return (f"stock / DUO FLOPs on this mix: {flops['ratio']:.2f}x (attention {flops['attention_share_stock']:.0%} of "
-            "stock's): a compute-bound run's speed-up stays near it, a KV-bound one's near the capacity ratio")
+            "stock's): prefill gains about that much, decode at memory pressure up to the KV capacity ratio, and a "
+            "whole mix lies between, by its prefill share")
 
 
 def start(model: str, backend: str, duo: dict, server_args: list[str], log_path: Path, timeout: float):
