@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import re
 
-ENGINE_STATS = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, "
-                          r"Running: (\d+) reqs, Waiting: (\d+) reqs")
+ENGINE_STATS = re.compile(r"(?:Engine (\d+): )?Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: "
+                          r"([\d.]+) tokens/s, Running: (\d+) reqs, Waiting: (\d+) reqs")
 
 
 def phase_rates(log_text: str) -> dict | None:
     """A server's prefill and decode speeds (tokens/s) from its log, or None where it logged
-    neither a prompt rate nor an interval of decode alone."""
-    rows = [(float(p), float(g), int(r), int(w)) for p, g, r, w in ENGINE_STATS.findall(log_text)]
+    neither a prompt rate nor an interval of decode alone, or where several engines (data
+    parallelism) logged their own shares of the speed."""
+    found = ENGINE_STATS.findall(log_text)
+    if len({engine for engine, *_ in found}) > 1:
+        return None
+    rows = [(float(p), float(g), int(r), int(w)) for _, p, g, r, w in found]
     prefill = max((p for p, *_ in rows), default=0.0)
     alone = [(g, w) for p, g, _, w in rows if p == 0 and g > 0]
     pressed = [g for g, w in alone if w > 0]

@@ -36,6 +36,12 @@ def test_a_log_without_both_phases_gives_no_rates(text):
     assert phase_rates(text) is None
 
 
+def test_several_engines_give_no_rates_rather_than_one_engines_share():
+    text = log((30000, 0, 8, 0), (0, 900, 8, 2))
+    assert phase_rates(text) is not None
+    assert phase_rates(text + "\n" + stats(30000, 0, 8, 0).replace("Engine 000", "Engine 001")) is None
+
+
 def test_the_model_adds_the_phases_and_prefill_caps_the_ratio():
     rates = {"stock": {"prefill_tokens_per_s": 40000.0, "decode_tokens_per_s": 2000.0},
              "duo": {"prefill_tokens_per_s": 40000.0, "decode_tokens_per_s": 4000.0}}
