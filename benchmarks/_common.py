@@ -200,9 +200,10 @@ def device_floors(device: str, bandwidth: float | None = None, peak_flops: float
 
 def parameters(config: dict, *, active: bool = True) -> int:
     """Weights of a Llama-style config (attention, gated MLP, embeddings and LM head); for sparse-MoE
-    MLPs (Qwen3-MoE's ``num_experts``, Mixtral's ``num_local_experts``) the weights one token runs
-    through (``active``: its top-k experts and the router), else every expert. Raises ValueError for
-    other MoE layouts (shared experts, MLA), whose count this does not know."""
+    MLPs (Qwen3-MoE's ``num_experts``, Mixtral's ``num_local_experts``, Qwen2-MoE's shared expert)
+    the weights one token runs through (``active``: its top-k experts, the router and any shared
+    expert), else every expert. Raises ValueError for DeepSeek-style layouts (``n_routed_experts`` /
+    ``n_shared_experts``, MLA), whose count this does not know."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     d = config.get("head_dim") or h // config["num_attention_heads"]
     attn = h * config["num_attention_heads"] * d * 2 + h * config["num_key_value_heads"] * d * 2
@@ -215,6 +216,9 @@ def parameters(config: dict, *, active: bool = True) -> int:
     expert_inter = config.get("moe_intermediate_size") or config["intermediate_size"]
     used = config["num_experts_per_tok"] if active else experts
     moe_mlp = used * 3 * h * expert_inter + h * experts  # the experts a token runs, and the router
+    shared = config.get("shared_expert_intermediate_size")
+    if shared:  # Qwen2-MoE: a shared expert every token runs, and its gate
+        moe_mlp += 3 * h * shared + h
     dense_mlp = 3 * h * config["intermediate_size"]
     step, dense_layers = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or ())
     mlps = sum(dense_mlp if (i in dense_layers or (i + 1) % step) else moe_mlp for i in range(layers))

@@ -112,6 +112,10 @@ def test_parameters_of_a_sparse_moe_shape_count_the_experts_a_token_runs():
     mixtral = {**LLAMA3_8B, "num_local_experts": 8, "num_experts_per_tok": 2}
     assert parameters(mixtral) - parameters(LLAMA3_8B) == 32 * (3 * 4096 * 14336 + 4096 * 8)
     assert parameters(mixtral, active=False) - parameters(LLAMA3_8B) == 32 * (7 * 3 * 4096 * 14336 + 4096 * 8)
+    # Qwen2-MoE-style: a shared expert every token runs, with its one-output gate
+    qwen2_moe = {**QWEN3_30B_A3B, "shared_expert_intermediate_size": 5632}
+    assert parameters(qwen2_moe) - active == 48 * (3 * h * 5632 + h)
+    assert parameters({**QWEN3_30B_A3B, "shared_expert_intermediate_size": None}) == active
     with pytest.raises(ValueError, match="shared or routed-expert"):
         parameters({**LLAMA3_8B, "n_routed_experts": 64, "n_shared_experts": 2})
 
