@@ -34,6 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import set_engine_environment  # noqa: E402
+
 WHO = ("stock", "DUO", "DUO-full")
 NEW_TOKENS = 32  # greedy tokens per prompt, engines and reference alike
 RUN_GRAMMAR = "WHO [TPn] [PPn] [ray], WHO one of stock, DUO, DUO-full (e.g. 'DUO TP2', 'stock PP2', 'DUO TP2 ray')"
@@ -172,13 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     needed = max(run.gpus for run in runs)
     if needed > torch.cuda.device_count():
         parser.error(f"--runs needs {needed} GPU(s); this machine has {torch.cuda.device_count()}")
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Greedy decoding needs no top-k/top-p kernel, and FlashInfer JIT-builds its sampling module
     # on first use where no prebuilt cubins are installed (the GPU machine: 105 s measured, one
     # engine of four). Same for all engines, so the comparison is unchanged.
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    set_engine_environment(VLLM_USE_FLASHINFER_SAMPLER="0")
     model = str(qwen_coder_path())
     tok = AutoTokenizer.from_pretrained(model)
     chat = tok.apply_chat_template([{"role": "user", "content": "Write a Python function that reverses a list."}],
