@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -46,21 +47,38 @@ def start_server(model: str, args: argparse.Namespace, log_path: Path) -> tuple[
     return proc, root + "/v1"
 
 
+@contextlib.contextmanager
+def stop_servers_on_sigterm():
+    """Within it, SIGTERM (``timeout``, a job scheduler) raises SystemExit, so the ``finally`` that
+    stops a server runs. The servers start in sessions of their own (a Ctrl-C meant for the benchmark
+    must not reach them half-way), so nothing else stops them: a benchmark killed by ``timeout``
+    during a start-up once left a DUO server holding 72 GB of an H100, and the next one could not start."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def wait_healthy(proc: subprocess.Popen, root: str, timeout: float, log_path: Path, name: str = "vllm serve") -> None:
-    """Until ``root``/health answers 200; stops the server and exits naming its log otherwise."""
+    """Until ``root``/health answers 200; stops the server and exits naming its log otherwise
+    (a timeout, or the benchmark interrupted while it waits)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode} during start-up; log: {log_path}")
-        try:
-            with urllib.request.urlopen(root + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise SystemExit(f"{name} not healthy after {timeout:.0f} s; log: {log_path}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {proc.returncode} during start-up; log: {log_path}")
+            try:
+                with urllib.request.urlopen(root + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise SystemExit(f"{name} not healthy after {timeout:.0f} s; log: {log_path}")
+    except BaseException:
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:

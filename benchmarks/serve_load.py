@@ -58,6 +58,7 @@ from _load_server import (
     server_rss_mib,
     start_server,
     stop_server,
+    stop_servers_on_sigterm,
     wait_idle,
 )
 from _plots import save_png, subplots
@@ -249,18 +250,17 @@ def main(argv=None) -> int:
         from duo_vllm.testing.models import smollm2_path
 
         model = str(smollm2_path())
-    proc = None
-    if args.server:
-        base_url = args.server
-    else:
-        print(f"starting vllm serve {model} (log: {out / 'serve_load_server.log'})", flush=True)
-        proc, base_url = start_server(model, args, out / "serve_load_server.log")
-    try:
-        if args.tokenizer is None and not args.server:
-            args.tokenizer = model
-        result = asyncio.run(load(base_url, args, proc.pid if proc else args.server_pid))
-    finally:
-        code = stop_server(proc) if proc else None
+    proc, base_url = None, args.server
+    with stop_servers_on_sigterm():  # a `timeout` of this script stops the server it started
+        if not args.server:
+            print(f"starting vllm serve {model} (log: {out / 'serve_load_server.log'})", flush=True)
+            proc, base_url = start_server(model, args, out / "serve_load_server.log")
+        try:
+            if args.tokenizer is None and not args.server:
+                args.tokenizer = model
+            result = asyncio.run(load(base_url, args, proc.pid if proc else args.server_pid))
+        finally:
+            code = stop_server(proc) if proc else None
     import vllm
 
     result.update({"model": Path(model).name, "vllm": vllm.__version__, "server_exit_code": code,

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import CASES, case_pattern, model_dir, parameters
 from _engine_phases import phase_line, phase_model, phase_rates
-from _load_server import free_port, read_metrics, stop_server, wait_healthy
+from _load_server import free_port, read_metrics, stop_server, stop_servers_on_sigterm, wait_healthy
 
 # vLLM bench's result keys reported here, in this order.
 FIGURES = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
@@ -399,31 +399,32 @@ def main(argv: list[str] | None = None) -> int:
               "mix_tokens": args.num_prompts * (args.input_len + args.output_len)}
     if flops:
         print(flop_line(flops), flush=True)
-    for backend in backends:
-        log_path = out / f"serve_throughput_{backend}.log"
-        if args.server:
-            proc, root = None, args.server.rstrip("/").removesuffix("/v1")
-        else:
-            proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout)
-        # a running server's log is not ours to read: its capacity stays unknown (None)
-        result["kv_tokens"][backend] = None if proc is None else kv_tokens_from_log(log_path.read_text(errors="replace"))
-        if result["kv_tokens"][backend]:
-            fill = result["mix_tokens"] / result["kv_tokens"][backend]
-            print(f"[{backend}] KV cache {result['kv_tokens'][backend]:,} tokens: the whole mix at its end is {fill:.2f}x it"
-                  + (" (it fits: all at once is no memory pressure for this server)" if fill < 1 else ""), flush=True)
-        try:
-            result["runs"][backend] = {}
-            for rate in rates:
-                print(f"[{backend}] rate {rate}: {workload}", flush=True)
-                figures = bench(root, model, args, rate, work, out / f"serve_throughput_{backend}_bench.log")
-                result["runs"][backend][rate] = figures
-                write(result, out)
-                print(f"[{backend}] rate {rate}: {figures['output_throughput']:.1f} output tok/s, "
-                      f"p99 TTFT {figures['p99_ttft_ms']:.0f} ms, {figures['preemptions']:.0f} preemptions", flush=True)
-        finally:
-            if proc is not None:
-                stop_server(proc)
-                result["phase_rates"][backend] = phase_rates(log_path.read_text(errors="replace"))
+    with stop_servers_on_sigterm():  # a `timeout` of this script stops the server it started
+        for backend in backends:
+            log_path = out / f"serve_throughput_{backend}.log"
+            if args.server:
+                proc, root = None, args.server.rstrip("/").removesuffix("/v1")
+            else:
+                proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout)
+            # a running server's log is not ours to read: its capacity stays unknown (None)
+            result["kv_tokens"][backend] = None if proc is None else kv_tokens_from_log(log_path.read_text(errors="replace"))
+            if result["kv_tokens"][backend]:
+                fill = result["mix_tokens"] / result["kv_tokens"][backend]
+                print(f"[{backend}] KV cache {result['kv_tokens'][backend]:,} tokens: the whole mix at its end is {fill:.2f}x it"
+                      + (" (it fits: all at once is no memory pressure for this server)" if fill < 1 else ""), flush=True)
+            try:
+                result["runs"][backend] = {}
+                for rate in rates:
+                    print(f"[{backend}] rate {rate}: {workload}", flush=True)
+                    figures = bench(root, model, args, rate, work, out / f"serve_throughput_{backend}_bench.log")
+                    result["runs"][backend][rate] = figures
+                    write(result, out)
+                    print(f"[{backend}] rate {rate}: {figures['output_throughput']:.1f} output tok/s, "
+                          f"p99 TTFT {figures['p99_ttft_ms']:.0f} ms, {figures['preemptions']:.0f} preemptions", flush=True)
+            finally:
+                if proc is not None:
+                    stop_server(proc)
+                    result["phase_rates"][backend] = phase_rates(log_path.read_text(errors="replace"))
     report(result, out)
     failed = sum(f["failed"] or 0 for runs in result["runs"].values() for f in runs.values())
     return 1 if failed else 0
