@@ -127,13 +127,27 @@ def model_dir(config: dict) -> str:
     return str(folder)
 
 
-def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | None, **extra) -> dict:
-    """LLM(...) arguments for a random-weight model of a real shape; DUO when ``duo`` is given."""
+def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kernel: str | None = None,
+                  **extra) -> dict:
+    """LLM(...) arguments for a random-weight model of a real shape; DUO when ``duo`` is given.
+    ``kernel`` ("flash_attn" or "flashinfer"): stock's attention backend and DUO's for its
+    retrieval heads (None: vLLM's choice for the card, and DUO's "auto")."""
     kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=max_model_len, gpu_memory_utilization=gpu_util, seed=0, **extra)
     if duo is not None:
-        kwargs.update(attention_backend="DUO", additional_config={"duo": duo})
+        kwargs.update(attention_backend="DUO", additional_config={"duo": with_kernel(duo, kernel)})
+    elif kernel is not None:
+        kwargs.update(attention_backend=kernel.upper())
     return kwargs
+
+
+# Stock's attention backend and DUO's option "kernel" to match (--kernel of the benchmarks).
+KERNELS = ("flash_attn", "flashinfer")
+
+
+def with_kernel(duo: dict, kernel: str | None) -> dict:
+    """DUO options running the retrieval heads through ``kernel`` (unchanged for None)."""
+    return duo if kernel is None else {**duo, "kernel": kernel}
 
 
 def synthetic_prompt(num_tokens: int, offset: int = 0):

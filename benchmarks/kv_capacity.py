@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import (  # noqa: E402
     DEFAULT_SHAPES,
+    KERNELS,
     SHAPES,
     case_pattern,
     duo_report,
@@ -46,10 +47,11 @@ set_engine_environment()  # before vLLM is imported
 from _plots import backend_label, save_png, subplots  # noqa: E402
 
 
-def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kv_cache_dtype: str = "auto") -> dict:
+def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kv_cache_dtype: str = "auto",
+            kernel: str | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, kernel, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     start = time.time()
     llm = LLM(**kwargs)
     result = {"start_s": round(time.time() - start, 1),
@@ -104,6 +106,8 @@ def main() -> None:
                         help=f"comma-separated, from: {', '.join(SHAPES)}")
     parser.add_argument("--kv-cache-dtypes", default="auto",
                         help="comma-separated --kv-cache-dtype values to measure (e.g. auto,fp8)")
+    parser.add_argument("--kernel", choices=KERNELS,
+                        help="stock's attention backend and DUO's for its retrieval heads (default: vLLM's choice)")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -118,7 +122,7 @@ def main() -> None:
     import vllm
 
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__,
-               "gpu_memory_utilization": args.gpu_memory_utilization,
+               "gpu_memory_utilization": args.gpu_memory_utilization, "kernel": args.kernel,
                "command": " ".join(["python", "benchmarks/kv_capacity.py", *sys.argv[1:]]), "shapes": {}}
     for name in shapes:
         config, pattern, sparsity, max_len = SHAPES[name]
@@ -126,8 +130,8 @@ def main() -> None:
         duo = {"pattern": case_pattern(pattern, config, sparsity, args.patterns), "sparsity": sparsity}
         runs = {}
         for kv_dtype in args.kv_cache_dtypes.split(","):
-            stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype)
-            duo_r = measure(model, max_len, args.gpu_memory_utilization, duo, kv_dtype)
+            stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype, args.kernel)
+            duo_r = measure(model, max_len, args.gpu_memory_utilization, duo, kv_dtype, args.kernel)
             runs[kv_dtype] = {"stock": stock, "duo": duo_r, "ratio": duo_r["kv_tokens"] / stock["kv_tokens"]}
             print(name, kv_dtype, json.dumps(runs[kv_dtype]), flush=True)
         entry = {"max_model_len": max_len, "sparsity": sparsity, "by_kv_cache_dtype": runs}

@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import CASES, case_pattern, model_dir, parameters
+from _common import CASES, KERNELS, case_pattern, model_dir, parameters, with_kernel
 from _engine_phases import phase_line, phase_model, phase_rates
 from _load_server import free_port, read_metrics, stop_server, stop_servers_on_sigterm, wait_healthy
 
@@ -125,9 +125,15 @@ def flop_line(flops: dict) -> str:
             "whole mix lies between, by its prefill share")
 
 
-def start(model: str, backend: str, duo: dict, server_args: list[str], log_path: Path, timeout: float):
+def start(model: str, backend: str, duo: dict, server_args: list[str], log_path: Path, timeout: float,
+          kernel: str | None = None):
+    """``vllm serve`` of ``backend`` (stock or duo); ``kernel``: stock's attention backend and DUO's
+    for its retrieval heads (None: vLLM's choice for the card, DUO's "auto")."""
     port = free_port()
-    extra = ["--attention-backend", "DUO", "--additional-config", json.dumps({"duo": duo})] if backend == "duo" else []
+    if backend == "duo":
+        extra = ["--attention-backend", "DUO", "--additional-config", json.dumps({"duo": with_kernel(duo, kernel)})]
+    else:
+        extra = [] if kernel is None else ["--attention-backend", kernel.upper()]
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *extra, *server_args,
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0"]
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -270,7 +276,7 @@ def merge(paths: list[str]) -> dict:
         parts.append(part)
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
-        for key in ("device", "vllm", "model_label", "workload", "server_args"):
+        for key in ("device", "vllm", "model_label", "workload", "server_args", "kernel"):
             if part.get(key) != first.get(key):
                 raise SystemExit(f"--merge: {path} differs in {key} ({part.get(key)!r} against "
                                  f"{first.get(key)!r}); merge only runs of one workload on one device")
@@ -341,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", metavar="URL", help="measure this running server instead of starting one "
                         "(one backend in --backends names it)")
     parser.add_argument("--server-args", default="", help="more `vllm serve` arguments, the same for every backend")
+    parser.add_argument("--kernel", choices=KERNELS,
+                        help="stock's attention backend and DUO's for its retrieval heads (default: vLLM's choice)")
     parser.add_argument("--max-model-len", type=int, help="with --case (default: the case's longest length)")
     parser.add_argument("--input-len", type=int, default=48000, help="mean prompt length (tokens)")
     parser.add_argument("--output-len", type=int, default=256, help="mean output length (tokens)")
@@ -393,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((Path(model) / "config.json").read_text()) if (Path(model) / "config.json").is_file() else {}
     flops = flop_ratio(config, duo, args.input_len, args.output_len, args.range_ratio)
     result = {"command": shlex.join([sys.executable, *sys.argv]), "device": device_name(), "vllm": vllm.__version__,
-              "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args,
+              "model_label": args.case or Path(model).name, "duo": duo, "server_args": server_args, "kernel": args.kernel,
               "workload": workload, "flop_ratio": flops, "rates": rates, "kv_tokens": {}, "runs": {}, "phase_rates": {},
               # every request's prompt and output at once (the mean lengths of the uniform draw)
               "mix_tokens": args.num_prompts * (args.input_len + args.output_len)}
@@ -405,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.server:
                 proc, root = None, args.server.rstrip("/").removesuffix("/v1")
             else:
-                proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout)
+                proc, root = start(model, backend, duo, server_args, log_path, args.start_timeout, args.kernel)
             # a running server's log is not ours to read: its capacity stays unknown (None)
             result["kv_tokens"][backend] = None if proc is None else kv_tokens_from_log(log_path.read_text(errors="replace"))
             if result["kv_tokens"][backend]:

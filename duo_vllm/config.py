@@ -15,6 +15,8 @@ from typing import Any
 DEFAULT_SINK = 64
 DEFAULT_RECENT = 256
 DEFAULT_SPARSITY = 0.5
+# The CUDA backends DUO's retrieval heads can run through (option "kernel").
+KERNELS = ("auto", "flash_attn", "flashinfer")
 
 _EXAMPLE = '--additional-config \'{"duo": {"pattern": "patterns/SmolLM2-135M-Instruct", "sparsity": 0.5}}\''
 
@@ -45,6 +47,10 @@ class DuoConfig:
         turn either way). Off by default: on an H200 at batch-1 decode it saved 1-2% per token
         for Llama-2-7B at 25% retrieval (64K) and cost 1-3% for Llama-3-8B at 50% (128K), where
         the streaming kernels slow FA3 by more than they hide (docs/backend.md)
+    kernel : on CUDA, vLLM's backend the retrieval heads run through: "flash_attn" (FLASH_ATTN),
+        "flashinfer" (FLASHINFER) or "auto" (default): vLLM's own first choice for the card,
+        FLASHINFER on Blackwell (compute capability 10.x), FLASH_ATTN elsewhere. Logged at
+        start-up with the kernels it runs (``duo_vllm.backends.capabilities``); ignored on CPU
     """
 
     pattern: str | None = None
@@ -56,6 +62,7 @@ class DuoConfig:
     min_retrieval_per_layer: int = 0
     reorder_heads: bool = True
     overlap_streaming: bool = False
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         chosen = [n for n in ("sparsity", "retrieval_ratio", "threshold") if getattr(self, n) is not None]
@@ -80,6 +87,8 @@ class DuoConfig:
         for name in ("reorder_heads", "overlap_streaming"):
             if not isinstance(getattr(self, name), bool):
                 raise DuoConfigError(f'DUO option "{name}" must be true or false, got {getattr(self, name)!r}.')
+        if self.kernel not in KERNELS:
+            raise DuoConfigError(f'DUO option "kernel" must be one of {list(KERNELS)}, got {self.kernel!r}.')
         if self.pattern is not None and not isinstance(self.pattern, str):
             raise DuoConfigError(f'DUO option "pattern" must be a path string, got {self.pattern!r}.')
 

@@ -334,6 +334,12 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         elif parallel.use_ubatching:
             logger.warning("DUO option overlap_streaming is off under micro-batching (--enable-dbo or "
                            "--ubatch-size): the streaming heads run after the retrieval heads.")
+    if runtime.config.kernel != "auto":
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            logger.warning("DUO option kernel=%s has no effect on %s: DUO runs its %s kernels there.",
+                           runtime.config.kernel, current_platform.device_type, current_platform.device_type)
     check_plan_digest(vllm_config, runtime)
     _RUNTIMES[key] = runtime
     return runtime

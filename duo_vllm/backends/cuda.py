@@ -128,7 +128,24 @@ class TritonStreaming:
         )
 
 
-class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
+class TritonStreamingImpl(DuoImplMixin):
+    """A CUDA DUO impl's streaming side, whatever vLLM kernel runs its retrieval heads: the
+    streaming heads and both caches' K/V store through the Impl's ``TritonStreaming``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.streaming = TritonStreaming(num_heads=self.num_heads, head_size=self.head_size, scale=self.scale,
+                                         kv_cache_dtype=self.kv_cache_dtype, sink=self.runtime.sink,
+                                         recent=self.runtime.recent)
+
+    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
+        self.streaming.write(layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots)
+
+    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
+        self.streaming.forward(layer, plan, query, out_heads, cache, metadata)
+
+
+class DuoAttentionImpl(TritonStreamingImpl, FlashAttentionImpl):
     """Retrieval heads: FLASH_ATTN's kernel (FA3) on their own head counts; streaming heads and
     both caches' K/V store: the Triton pass."""
 
@@ -144,9 +161,6 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
         self._side_stream = aux_stream() if overlap else None
         if self._side_stream is not None:
             self._inputs_ready, self._streaming_done = torch.cuda.Event(), torch.cuda.Event()
-        self.streaming = TritonStreaming(num_heads=self.num_heads, head_size=self.head_size, scale=self.scale,
-                                         kv_cache_dtype=self.kv_cache_dtype, sink=self.runtime.sink,
-                                         recent=self.runtime.recent)
         self._retrieval_kernels: dict[int, FlashAttentionImpl] = {}
         # The engine's config, for the retrieval kernels built at the first forward: FLASH_ATTN
         # reads its FlashAttention version (``--attention-config '{"flash_attn_version": 2}'``)
@@ -195,12 +209,6 @@ class DuoAttentionImpl(DuoImplMixin, FlashAttentionImpl):
                                             self.kv_cache_dtype, None, self.attn_type)
             self._retrieval_kernels[num_kv_heads] = kernel
         return kernel
-
-    def write_kv(self, layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots) -> None:
-        self.streaming.write(layer, plan, key, value, kv_cache, slot_mapping, streaming_cache, streaming_slots)
-
-    def streaming_forward(self, layer, plan, query, out_heads, cache, metadata) -> None:
-        self.streaming.forward(layer, plan, query, out_heads, cache, metadata)
 
 
 class DuoAttentionBackend(DuoBackendMixin, FlashAttentionBackend):

@@ -82,7 +82,7 @@ def resolve(names: list[str], model: str, duo_options: dict, out_dir: Path, seed
     if runtime is not None:
         total = runtime.retrieval_mask.size
         retrieval = int(runtime.retrieval_mask.sum())
-        shared = {k: v for k, v in duo_options.items() if k in ("sink", "recent", "reorder_heads", "overlap_streaming")}
+        shared = {k: v for k, v in duo_options.items() if k in ("sink", "recent", "reorder_heads", "overlap_streaming", "kernel")}
     for name in names:
         if name == "stock":
             out.append(Backend("stock", None, "vLLM's own attention, full KV on every head"))

@@ -47,6 +47,7 @@ def _resolve_runtime(config) -> None:
     dtype_error = kv_cache_dtype_error(config.cache_config.cache_dtype, platform_name(), config.model_config.dtype)
     if dtype_error:
         raise ValueError(dtype_error)
+    kernels = None
     if platform_name() == "cuda":
         from duo_vllm.backends.capabilities import check_cuda_kernels
         from duo_vllm.runtime import logger
@@ -55,6 +56,10 @@ def _resolve_runtime(config) -> None:
         if kernels is not None:
             logger.info(kernels.line())
     runtime = runtime_from_vllm_config(config)
+    if kernels is not None:
+        from duo_vllm.backends.capabilities import check_head_slots
+
+        check_head_slots(kernels, runtime)
     record_plan_digest(config, runtime)
     checkpoint_order_reason(config, runtime)
     from duo_vllm import metrics

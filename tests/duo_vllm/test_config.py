@@ -10,7 +10,7 @@ import pytest
 
 from duo_vllm.config import DEFAULT_RECENT, DEFAULT_SINK, DuoConfig, DuoConfigError
 
-FIELDS = ["min_retrieval_per_layer", "overlap_streaming", "pattern", "recent", "reorder_heads", "retrieval_ratio",
+FIELDS = ["kernel", "min_retrieval_per_layer", "overlap_streaming", "pattern", "recent", "reorder_heads", "retrieval_ratio",
           "sink", "sparsity", "threshold"]
 
 

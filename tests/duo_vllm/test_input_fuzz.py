@@ -424,7 +424,7 @@ OPTION_CRASHES = {
     "sparsity_beyond_float": ({"sparsity": 10**400}, ('"sparsity" must be a number in [0, 1], got 1000',)),
     "threshold_beyond_float": ({"threshold": -(10**400)}, ('"threshold" must be a finite number, got -1000',)),
     "keys_of_mixed_types": ({None: 0, "": 0, 1: 0}, ("Unknown DUO option(s) ['', 1, None]",
-                                                    "valid options: ['min_retrieval_per_layer'")),
+                                                    "valid options: ['kernel', 'min_retrieval_per_layer'")),
     "json_nesting_too_deep": ("[" * 5000, ('"duo" options are not valid JSON', "example: --additional-config")),
     "json_integer_over_4300_digits": ('{"sink": ' + "1" * 5000 + "}",
                                       ('"duo" options are not valid JSON', "example: --additional-config")),

@@ -342,32 +342,54 @@ def test_layer_index_from_name_rejects_ambiguous(name):
         layer_index_from_name(name)
 
 
-def test_overlap_streaming_on_cpu_is_reported_not_ignored(smollm2, monkeypatch):
-    """The option only changes CUDA; asking for it elsewhere logs that it does nothing."""
+def runtime_built_with_log(config, monkeypatch):
+    """The runtime of ``config`` built afresh, and the log records of building it."""
     import logging
 
-    from vllm.engine.arg_utils import EngineArgs
-
     import duo_vllm.runtime as runtime_module
+
+    # Building the engine config reconfigures vLLM's loggers (dropping handlers of their
+    # children) and already builds the runtime: listen from here on, with an empty cache.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    runtime_module.logger.addHandler(handler)
+    monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
+    try:
+        runtime = runtime_module.runtime_from_vllm_config(config)
+    finally:
+        runtime_module.logger.removeHandler(handler)
+    assert any("DUO attention" in r.getMessage() for r in records)  # the runtime was built here
+    return runtime, [r.getMessage() for r in records]
+
+
+def test_overlap_streaming_on_cpu_is_reported_not_ignored(smollm2, monkeypatch):
+    """The option only changes CUDA; asking for it elsewhere logs that it does nothing."""
+    from vllm.engine.arg_utils import EngineArgs
 
     for overlap in (False, True):
         config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO", additional_config={
             "duo": {"sparsity": 0.5, "overlap_streaming": overlap}}).create_engine_config()
-        # Building the engine config reconfigures vLLM's loggers (dropping handlers of their
-        # children) and already builds the runtime: listen from here on, with an empty cache.
-        records: list[logging.LogRecord] = []
-        handler = logging.Handler()
-        handler.emit = records.append
-        runtime_module.logger.addHandler(handler)
-        monkeypatch.setattr(runtime_module, "_RUNTIMES", {})
-        try:
-            assert runtime_module.runtime_from_vllm_config(config).config.overlap_streaming is overlap
-        finally:
-            runtime_module.logger.removeHandler(handler)
-        warned = [r.getMessage() for r in records if "overlap_streaming" in r.getMessage()]
+        runtime, messages = runtime_built_with_log(config, monkeypatch)
+        assert runtime.config.overlap_streaming is overlap
+        warned = [m for m in messages if "overlap_streaming" in m]
         assert len(warned) == int(overlap), warned
-        assert any("DUO attention" in r.getMessage() for r in records)  # the runtime was built here
     assert "no effect on cpu" in warned[0]
+
+
+def test_a_cuda_kernel_choice_on_cpu_is_reported_not_ignored(smollm2, monkeypatch):
+    """The option picks vLLM's CUDA backend under the retrieval heads; on CPU it changes nothing."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    for kernel, warns in (("auto", False), ("flashinfer", True), ("flash_attn", True)):
+        config = EngineArgs(model=smollm2, max_model_len=1024, attention_backend="DUO", additional_config={
+            "duo": {"sparsity": 0.5, "kernel": kernel}}).create_engine_config()
+        runtime, messages = runtime_built_with_log(config, monkeypatch)
+        assert runtime.config.kernel == kernel
+        warned = [m for m in messages if "kernel=" in m]
+        assert len(warned) == int(warns), warned
+        if warns:
+            assert f"kernel={kernel} has no effect on cpu" in warned[0]
 
 
 # ----------------------------------------------------------------------------- PruLong masks.tsv

@@ -92,11 +92,13 @@ CASES = {
     "sink_zero": ({"pattern": "@good", "sink": 0}, ('"sink" must be a positive integer', "default: sink 64")),
     "recent_negative": ({"pattern": "@good", "recent": -5}, ('"recent" must be a positive integer', "recent 256")),
     "unknown_option": ({"pattern": "@good", "sprsity": 0.5}, ("Unknown DUO option(s) ['sprsity']",
-                                                              "valid options: ['min_retrieval_per_layer'")),
+                                                              "valid options: ['kernel', 'min_retrieval_per_layer'")),
     "exclusive_options": ({"pattern": "@good", "sparsity": 0.5, "threshold": 0.3},
                           ("DUO options ['sparsity', 'threshold'] are exclusive", "give only one of them")),
     "switch_not_bool": ({"pattern": "@good", "reorder_heads": "false"},
                         ('"reorder_heads" must be true or false', "got 'false'")),
+    "kernel_unknown": ({"pattern": "@good", "kernel": "fa3"},
+                       ('"kernel" must be one of', "'flash_attn', 'flashinfer'", "got 'fa3'")),
     "no_pattern_for_model": ({}, "python -m gate_training"),
     # A KV-cache dtype vLLM accepts but DUO cannot serve: refused by duo_vllm.kv_quant as a plain
     # ValueError (engine_config_validation), naming the dtypes that work.
@@ -107,7 +109,8 @@ CASES = {
 LLM_ARGS = {"kv_cache_dtype_unsupported": {"kv_cache_dtype": "fp8_inc"}}
 ERROR_TYPES = {"kv_cache_dtype_unsupported": ValueError,
                **dict.fromkeys(["sparsity_above_1", "sparsity_below_0", "sink_zero", "recent_negative",
-                                "unknown_option", "exclusive_options", "switch_not_bool"], DuoConfigError)}
+                                "unknown_option", "exclusive_options", "switch_not_bool", "kernel_unknown"],
+                              DuoConfigError)}
 
 
 @pytest.mark.parametrize("case", CASES)
