@@ -33,7 +33,7 @@ from duo_vllm.backends.cuda import DuoAttentionMetadataBuilder, TritonStreamingI
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
 from duo_vllm.kv_quant import SUPPORTED_KV_CACHE_DTYPES
 
-# One FlashInfer float workspace per device for every DUO layer group, sized as stock's (the
+# One FlashInfer float workspace per device (and engine shape) for every DUO layer group, sized as stock's (the
 # model's query heads): each group's builder would otherwise allocate its own (at least 394 MiB),
 # after the KV cache has taken the memory. The groups' kernels run one after another on one stream.
 _WORKSPACES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -74,14 +74,16 @@ class DuoFlashInferMetadataBuilder(FlashInferMetadataBuilder):
 
     def _get_workspace_buffer(self):
         if self._workspace_buffer is None:
-            shared = _WORKSPACES.get(self.device)
+            # What vLLM sizes it by: an engine of another shape in the same process gets its own.
+            key = (str(self.device), self._model_qo_heads, self.head_dim, self.max_num_batched_tokens)
+            shared = _WORKSPACES.get(key)
             if shared is None:
                 own, self._duo_qo_heads = self._duo_qo_heads, self._model_qo_heads
                 try:
                     shared = super()._get_workspace_buffer()  # vLLM's own sizing, for the model's heads
                 finally:
                     self._duo_qo_heads = own
-                _WORKSPACES[self.device] = shared
+                _WORKSPACES[key] = shared
             self._workspace_buffer = shared
         return self._workspace_buffer
 
