@@ -44,6 +44,8 @@ STREAMING = "Triton Λ kernels"
 # FLASHINFER's page sizes off Blackwell's trtllm-gen path; DUO's block-outermost cache layout
 # cannot split a larger block into kernel blocks.
 FLASHINFER_BLOCK_SIZES = (16, 32, 64)
+# FLASHINFER's head sizes (FlashInferBackend.get_supported_head_sizes in vLLM 0.32-0.34).
+FLASHINFER_HEAD_SIZES = (64, 128, 256, 512)
 FORCE_FLASH_ATTN = """--additional-config '{"duo": {..., "kernel": "flash_attn"}}'"""
 FORCE_FLASHINFER = """--additional-config '{"duo": {..., "kernel": "flashinfer"}}'"""
 
@@ -57,12 +59,17 @@ def selected_backend(kernel_option: str, capability: tuple[int, int]) -> str:
     return "flashinfer" if int(capability[0]) == 10 else "flash_attn"
 
 
-def flashinfer_kernels(capability: tuple[int, int], kv_cache_dtype: str, block_size: int | None) -> CudaKernels:
+def flashinfer_kernels(capability: tuple[int, int], kv_cache_dtype: str, block_size: int | None,
+                       head_size: int | None = None) -> CudaKernels:
     """The FLASHINFER row: vLLM's FlashInfer backend runs compute capability 8.0 to 12.1."""
     major, minor = capability
     if not (8, 0) <= capability <= (12, 1):
         raise DuoConfigError(
             f"vLLM's FLASHINFER backend runs compute capability 8.0 to 12.1; this GPU is {major}.{minor}. "
+            f"Run DUO's retrieval heads on FLASH_ATTN with {FORCE_FLASH_ATTN}.")
+    if head_size is not None and head_size not in FLASHINFER_HEAD_SIZES:
+        raise DuoConfigError(
+            f"vLLM's FLASHINFER backend takes head sizes 64, 128, 256 and 512; this model's is {head_size}. "
             f"Run DUO's retrieval heads on FLASH_ATTN with {FORCE_FLASH_ATTN}.")
     if block_size is not None and block_size not in FLASHINFER_BLOCK_SIZES:
         raise DuoConfigError(
@@ -74,7 +81,7 @@ def flashinfer_kernels(capability: tuple[int, int], kv_cache_dtype: str, block_s
 
 
 def cuda_kernels(capability: tuple[int, int], flash_attn_version: int | None, kv_cache_dtype: str,
-                 backend: str = "flash_attn", block_size: int | None = None) -> CudaKernels:
+                 backend: str = "flash_attn", block_size: int | None = None, head_size: int | None = None) -> CudaKernels:
     """The kernels DUO runs for this card (``capability``: (major, minor)), retrieval backend
     (``selected_backend``), FlashAttention version (FLASH_ATTN's choice for the layer; unused on
     FLASHINFER) and KV-cache dtype; raises ``DuoConfigError`` naming what would run where it cannot."""
@@ -86,7 +93,7 @@ def cuda_kernels(capability: tuple[int, int], flash_attn_version: int | None, kv
             f"DUO needs an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Hopper, Blackwell); "
             f"this one is {card}. Serve it without --attention-backend DUO.")
     if backend == "flashinfer":
-        return flashinfer_kernels(capability, kv_cache_dtype, block_size)
+        return flashinfer_kernels(capability, kv_cache_dtype, block_size, head_size)
     if flash_attn_version == 3:
         return CudaKernels(capability, kv_cache_dtype, "FlashAttention 3 (FLASH_ATTN)" + (", FP8" if fp8 else ""),
                            STREAMING, "measured on H100 and H200, vLLM 0.32 and 0.33")
@@ -135,7 +142,8 @@ def check_cuda_kernels(vllm_config) -> CudaKernels | None:
     card = (capability.major, capability.minor)
     if selected_backend(kernel_option(vllm_config), card) == "flashinfer":
         cache = vllm_config.cache_config
-        return cuda_kernels(card, None, cache.cache_dtype, "flashinfer", cache.block_size)
+        return cuda_kernels(card, None, cache.cache_dtype, "flashinfer", cache.block_size,
+                            vllm_config.model_config.get_head_size())
     try:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
     except ImportError:  # a vLLM build without FLASH_ATTN: its own selection error follows

@@ -145,17 +145,25 @@ def test_flashinfer_takes_its_own_page_sizes_only(block_size):
         assert cuda_kernels(HOPPER, None, "auto", "flashinfer", fine).backend == "flashinfer"
 
 
+@pytest.mark.parametrize("head_size", [80, 96, 192])
+def test_flashinfer_takes_its_own_head_sizes_only(head_size):
+    with pytest.raises(DuoConfigError, match="head sizes 64, 128, 256 and 512") as info:
+        cuda_kernels(HOPPER, None, "auto", "flashinfer", 16, head_size)
+    assert f"this model's is {head_size}" in str(info.value) and FORCE_FLASH_ATTN in str(info.value)
+    assert cuda_kernels(HOPPER, 2, "auto", "flash_attn", 16, head_size).backend == "flash_attn"
+
+
 def test_fa4_refusal_names_flashinfer_too():
     with pytest.raises(DuoConfigError) as info:
         cuda_kernels(BLACKWELL, 4, "auto")
     assert FORCE_FA2 in str(info.value) and FORCE_FLASHINFER in str(info.value)
 
 
-def _config(duo: dict, block_size=None):
+def _config(duo: dict, block_size=None, head_size=128):
     from vllm.config import VllmConfig
 
     config = VllmConfig()
-    config.model_config = SimpleNamespace(get_head_size=lambda: 128)
+    config.model_config = SimpleNamespace(get_head_size=lambda: head_size)
     config.cache_config.cache_dtype = "auto"
     config.cache_config.block_size = block_size
     config.additional_config = {"duo": duo}
@@ -175,6 +183,8 @@ def test_the_front_end_check_reads_the_kernel_option_and_asks_flash_attn_nothing
     assert check_cuda_kernels(_config({"kernel": "flashinfer"})).backend == "flashinfer"
     with pytest.raises(DuoConfigError, match="--block-size 16, 32 or 64"):
         check_cuda_kernels(_config({"kernel": "flashinfer"}, block_size=128))
+    with pytest.raises(DuoConfigError, match="this model's is 80"):
+        check_cuda_kernels(_config({"kernel": "flashinfer"}, head_size=80))
     # Blackwell with no option: vLLM's own choice there, FLASHINFER
     monkeypatch.setattr(vllm.platforms.current_platform, "get_device_capability",
                         lambda *a, **k: SimpleNamespace(major=10, minor=0))
