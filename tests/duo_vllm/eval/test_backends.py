@@ -27,6 +27,13 @@ def test_inverse_random_streaming_at_duos_budget(smollm2, tmp_path):
     assert not np.array_equal(random_mask, base)
 
 
+def test_every_duo_variant_runs_on_the_same_kernels(smollm2, tmp_path):
+    """All-streaming, inverse and random are compared with DUO on one vLLM backend (option kernel)."""
+    duo = {"sparsity": 0.5, "kernel": "flashinfer", "overlap_streaming": True}
+    for backend in resolve(["duo", "streaming", "inverse", "random"], smollm2, duo, tmp_path, seed=0):
+        assert backend.duo["kernel"] == "flashinfer" and backend.duo["overlap_streaming"] is True, backend.name
+
+
 def test_threshold_options_keep_the_head_count(smollm2, tmp_path):
     duo = {"threshold": 0.5, "min_retrieval_per_layer": 1}
     base = base_runtime(smollm2, duo).retrieval_mask
