@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from duo_vllm.config import KERNELS as DUO_KERNELS  # options only: imports no vLLM
+
 ENGINE_ENVIRONMENT = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
     "VLLM_HOST_IP": "127.0.0.1",  # an engine start hung for minutes without it on the GPU machine
@@ -141,8 +143,9 @@ def engine_kwargs(model: str, max_model_len: int, gpu_util: float, duo: dict | N
     return kwargs
 
 
-# Stock's attention backend and DUO's option "kernel" to match (--kernel of the benchmarks).
-KERNELS = ("flash_attn", "flashinfer")
+# Stock's attention backend and DUO's option "kernel" to match (--kernel of the benchmarks):
+# DUO's choices but "auto", which names no stock backend.
+KERNELS = tuple(k for k in DUO_KERNELS if k != "auto")
 
 
 def with_kernel(duo: dict, kernel: str | None) -> dict:

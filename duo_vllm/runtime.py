@@ -325,21 +325,18 @@ def runtime_from_vllm_config(vllm_config) -> DuoRuntime:
         checkpoint_config=_checkpoint_config(model_config),
     )
     logger.info(runtime.summary(model_config.max_model_len))
-    if runtime.config.overlap_streaming:
-        from vllm.platforms import current_platform
+    from vllm.platforms import current_platform
 
+    if runtime.config.overlap_streaming:
         if not current_platform.is_cuda():
             logger.warning("DUO option overlap_streaming has no effect on %s: the streaming heads run after "
                            "the retrieval heads.", current_platform.device_type)
         elif parallel.use_ubatching:
             logger.warning("DUO option overlap_streaming is off under micro-batching (--enable-dbo or "
                            "--ubatch-size): the streaming heads run after the retrieval heads.")
-    if runtime.config.kernel != "auto":
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cuda():
-            logger.warning("DUO option kernel=%s has no effect on %s: DUO runs its %s kernels there.",
-                           runtime.config.kernel, current_platform.device_type, current_platform.device_type)
+    if runtime.config.kernel != "auto" and not current_platform.is_cuda():
+        logger.warning("DUO option kernel=%s has no effect on %s: DUO runs its %s kernels there.",
+                       runtime.config.kernel, current_platform.device_type, current_platform.device_type)
     check_plan_digest(vllm_config, runtime)
     _RUNTIMES[key] = runtime
     return runtime

@@ -139,11 +139,10 @@ def check_cuda_kernels(vllm_config) -> CudaKernels | None:
     capability = current_platform.get_device_capability()
     if capability is None:
         return None
-    card = (capability.major, capability.minor)
-    if selected_backend(kernel_option(vllm_config), card) == "flashinfer":
+    if engine_backend(vllm_config) == "flashinfer":
         cache = vllm_config.cache_config
-        return cuda_kernels(card, None, cache.cache_dtype, "flashinfer", cache.block_size,
-                            vllm_config.model_config.get_head_size())
+        return cuda_kernels((capability.major, capability.minor), None, cache.cache_dtype, "flashinfer",
+                            cache.block_size, vllm_config.model_config.get_head_size())
     try:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
     except ImportError:  # a vLLM build without FLASH_ATTN: its own selection error follows

@@ -110,10 +110,10 @@ class DuoFlashInferBackend(DuoBackendMixin, FlashInferBackend):
 
     @classmethod
     def get_supported_kernel_block_sizes(cls, kv_cache_spec=None) -> list:
-        if isinstance(kv_cache_spec, DuoStreamingSpec):
-            return [MultipleOf(1)]  # read by DUO's streaming pass only
-        # Not the trtllm-gen large pages: those are chosen for the layer's whole head count.
-        return list(FLASHINFER_BLOCK_SIZES)
+        # DuoBackendMixin's (any size for the streaming pages), else FlashInfer's without the
+        # trtllm-gen large pages: those are offered for the layer's whole head count.
+        sizes = super().get_supported_kernel_block_sizes(kv_cache_spec)
+        return [s for s in sizes if isinstance(s, MultipleOf) or s in FLASHINFER_BLOCK_SIZES]
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
