@@ -82,8 +82,11 @@ def wait_healthy(proc: subprocess.Popen, root: str, timeout: float, log_path: Pa
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:
+    """SIGTERM the server's process group (vLLM's API server and engine cores shut down cleanly on
+    it), SIGKILL what is left after 60 s. Not SIGINT: a shell starts background jobs with SIGINT
+    ignored, the server inherits that, and a Python that starts with SIGINT ignored never sees it."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

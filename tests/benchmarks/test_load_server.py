@@ -40,15 +40,22 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
 @pytest.mark.parametrize("mode", ["guarded", "unguarded"])
-def test_sigterm_during_start_up_stops_the_server(tmp_path, mode):
+def test_sigterm_during_start_up_stops_the_server(tmp_path, mode, sigint):
+    # "ignored": a benchmark started as a background job (`cmd &` in a script), whose children
+    # inherit SIGINT ignored, so a server stopped by SIGINT would never stop
     bench = subprocess.Popen([sys.executable, "-c", SCRIPT, str(BENCHMARKS), mode, str(tmp_path / "log")],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, preexec_fn=ignore_sigint if sigint == "ignored" else None)
     server = int(bench.stdout.readline())
     try:
         time.sleep(1.5)  # inside wait_healthy's loop
         bench.send_signal(signal.SIGTERM)
-        code = bench.wait(timeout=60)
+        code = bench.wait(timeout=45)  # stop_server escalates to SIGKILL only after 60 s
         deadline = time.monotonic() + 10
         while alive(server) and time.monotonic() < deadline:
             time.sleep(0.1)
