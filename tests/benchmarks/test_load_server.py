@@ -18,9 +18,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 # Starts a "server" that never answers /health and waits for it, as serve_throughput.start does.
 SCRIPT = textwrap.dedent("""
-    import contextlib, subprocess, sys
+    import contextlib, signal, subprocess, sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
+    if sys.argv[4] == "ignored":  # as a shell starts a background job (`cmd &`): inherited by the server
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from _load_server import free_port, stop_servers_on_sigterm, wait_healthy
     guard = stop_servers_on_sigterm() if sys.argv[2] == "guarded" else contextlib.nullcontext()
     with guard:
@@ -40,17 +42,12 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
 
 
-def ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 @pytest.mark.parametrize("mode", ["guarded", "unguarded"])
 def test_sigterm_during_start_up_stops_the_server(tmp_path, mode, sigint):
-    # "ignored": a benchmark started as a background job (`cmd &` in a script), whose children
-    # inherit SIGINT ignored, so a server stopped by SIGINT would never stop
-    bench = subprocess.Popen([sys.executable, "-c", SCRIPT, str(BENCHMARKS), mode, str(tmp_path / "log")],
-                             stdout=subprocess.PIPE, text=True, preexec_fn=ignore_sigint if sigint == "ignored" else None)
+    # "ignored": a benchmark started as a background job, whose server a SIGINT would never stop
+    bench = subprocess.Popen([sys.executable, "-c", SCRIPT, str(BENCHMARKS), mode, str(tmp_path / "log"), sigint],
+                             stdout=subprocess.PIPE, text=True)
     server = int(bench.stdout.readline())
     try:
         time.sleep(1.5)  # inside wait_healthy's loop
