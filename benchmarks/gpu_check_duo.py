@@ -28,6 +28,7 @@ Writes JSON to $OUT/gpu_check_duo.json (or --out) and prints a table last.
     python benchmarks/gpu_check_duo.py --kv-cache-dtype fp8    # every engine with an FP8 KV cache
     python benchmarks/gpu_check_duo.py --attention-config '{"flash_attn_version": 2}'  # FA2, also on Hopper
     python benchmarks/gpu_check_duo.py --kernel flashinfer  # DUO on FLASHINFER against stock FLASHINFER
+    python benchmarks/gpu_check_duo.py --kernel flashinfer --skip-kernel-check  # the Triton kernels checked by another run
 
 With ``--kernel flashinfer`` stock runs vLLM's FLASHINFER backend and every DUO engine runs its
 retrieval heads through it (DUO option ``"kernel": "flashinfer"``); FlashInfer compiles its kernels
@@ -226,6 +227,9 @@ def main() -> None:
 
     parser.add_argument("--skip-all-streaming", action="store_true",
                         help="skip check 3 (all heads streaming, window longer than the prompts)")
+    parser.add_argument("--skip-kernel-check", action="store_true",
+                        help="skip the streaming Triton kernels alone vs fp32 (run first): the same kernels under "
+                             "every retrieval kernel, so one run per card covers them")
     parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
@@ -265,13 +269,14 @@ def main() -> None:
               "model": "SmolLM2-135M-Instruct (bf16)",
               "command": "python benchmarks/gpu_check_duo.py" + (" --reference-only" if args.reference_only else "")
                          + (" --skip-all-streaming" if args.skip_all_streaming else "")
+                         + (" --skip-kernel-check" if args.skip_kernel_check else "")
                          + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else "")
                          + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
                          + (f" --attention-config '{json.dumps(args.attention_config)}'" if args.attention_config else "")
                          + (f" --kernel {args.kernel}" if args.kernel != "flash_attn" else ""),
               "stock_backend": STOCK,
               "kv_cache_dtype": args.kv_cache_dtype, "attention_config": args.attention_config,
-              "checks": kernel_check() + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
+              "checks": ([] if args.skip_kernel_check else kernel_check()) + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
     for c in result["checks"]:
         print(c, flush=True)
 
