@@ -48,12 +48,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# The script's libraries (tests import engine_figures, idle, read_metrics and verdict from here).
+# The script's libraries.
 from _load_mix import Tally, Workload, probe_text, run_one
 from _load_server import (
     engine_figures,
-    idle,
-    read_metrics,
     server_rss_by_process,
     server_rss_mib,
     start_server,

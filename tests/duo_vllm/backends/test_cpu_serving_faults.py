@@ -147,7 +147,7 @@ def test_connection_dropped_during_prefill(server, model, smollm2_tokenizer):
 
 def drained(server, timeout: float = 60) -> bool:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import engine_figures, idle
+    from _load_server import engine_figures, idle
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,7 +159,7 @@ def drained(server, timeout: float = 60) -> bool:
 
 def test_duo_figures_on_metrics(server):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import read_metrics
+    from _load_server import read_metrics
 
     m = read_metrics(server.root_url)
     assert m["duo:pattern_info"] == 1
