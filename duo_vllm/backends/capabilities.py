@@ -50,19 +50,36 @@ FORCE_FLASH_ATTN = """--additional-config '{"duo": {..., "kernel": "flash_attn"}
 FORCE_FLASHINFER = """--additional-config '{"duo": {..., "kernel": "flashinfer"}}'"""
 
 
-def selected_backend(kernel_option: str, capability: tuple[int, int]) -> str:
+def selected_backend(kernel_option: str, capability: tuple[int, int], flashinfer_available: bool = True) -> str:
     """The backend DUO's retrieval heads run through: the option's, or for ``"auto"`` vLLM's own
-    first choice for the card (``vllm/platforms/cuda.py``: FLASHINFER on compute capability 10.x,
-    FLASH_ATTN elsewhere)."""
+    first choice for the card (``vllm/platforms/cuda.py``: FLASHINFER on compute capability 10.x
+    where FlashInfer can run, FLASH_ATTN elsewhere, as vLLM falls back when FLASHINFER cannot)."""
     if kernel_option != "auto":
         return kernel_option
-    return "flashinfer" if int(capability[0]) == 10 else "flash_attn"
+    return "flashinfer" if int(capability[0]) == 10 and flashinfer_available else "flash_attn"
+
+
+def flashinfer_usable() -> bool:
+    """vLLM's own answer (``vllm.utils.flashinfer.has_flashinfer``): the ``flashinfer`` package, and
+    flashinfer-cubin or nvcc + ninja for its JIT. DUO picks its retrieval backend itself, so vLLM's
+    selector never asks this for a DUO engine: without it a missing toolchain would fail at the
+    first FlashInfer call, in a request."""
+    try:
+        from vllm.utils.flashinfer import has_flashinfer
+    except ImportError:
+        return False
+    return bool(has_flashinfer())
 
 
 def flashinfer_kernels(capability: tuple[int, int], kv_cache_dtype: str, block_size: int | None,
-                       head_size: int | None = None) -> CudaKernels:
+                       head_size: int | None = None, available: bool = True) -> CudaKernels:
     """The FLASHINFER row: vLLM's FlashInfer backend runs compute capability 8.0 to 12.1."""
     major, minor = capability
+    if not available:
+        raise DuoConfigError(
+            "DUO's retrieval heads are set to vLLM's FLASHINFER backend, which cannot run here: the flashinfer "
+            "package is missing, or it has neither flashinfer-cubin nor nvcc and ninja to compile its kernels. "
+            f"Install flashinfer-python with flashinfer-cubin (or a CUDA toolkit and ninja), or use {FORCE_FLASH_ATTN}.")
     if not (8, 0) <= capability <= (12, 1):
         raise DuoConfigError(
             f"vLLM's FLASHINFER backend runs compute capability 8.0 to 12.1; this GPU is {major}.{minor}. "
@@ -81,7 +98,8 @@ def flashinfer_kernels(capability: tuple[int, int], kv_cache_dtype: str, block_s
 
 
 def cuda_kernels(capability: tuple[int, int], flash_attn_version: int | None, kv_cache_dtype: str,
-                 backend: str = "flash_attn", block_size: int | None = None, head_size: int | None = None) -> CudaKernels:
+                 backend: str = "flash_attn", block_size: int | None = None, head_size: int | None = None,
+                 flashinfer_available: bool = True) -> CudaKernels:
     """The kernels DUO runs for this card (``capability``: (major, minor)), retrieval backend
     (``selected_backend``), FlashAttention version (FLASH_ATTN's choice for the layer; unused on
     FLASHINFER) and KV-cache dtype; raises ``DuoConfigError`` naming what would run where it cannot."""
@@ -93,7 +111,7 @@ def cuda_kernels(capability: tuple[int, int], flash_attn_version: int | None, kv
             f"DUO needs an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Hopper, Blackwell); "
             f"this one is {card}. Serve it without --attention-backend DUO.")
     if backend == "flashinfer":
-        return flashinfer_kernels(capability, kv_cache_dtype, block_size, head_size)
+        return flashinfer_kernels(capability, kv_cache_dtype, block_size, head_size, flashinfer_available)
     if flash_attn_version == 3:
         return CudaKernels(capability, kv_cache_dtype, "FlashAttention 3 (FLASH_ATTN)" + (", FP8" if fp8 else ""),
                            STREAMING, "measured on H100 and H200, vLLM 0.32 and 0.33")
@@ -127,7 +145,9 @@ def engine_backend(vllm_config) -> str:
     capability = current_platform.get_device_capability()
     if capability is None:
         return "flash_attn" if option == "auto" else option
-    return selected_backend(option, (capability.major, capability.minor))
+    card = (capability.major, capability.minor)
+    # asked only where the answer decides (vLLM's has_flashinfer warns when FlashInfer cannot run)
+    return selected_backend(option, card, flashinfer_usable() if option == "auto" and card[0] == 10 else True)
 
 
 def check_cuda_kernels(vllm_config) -> CudaKernels | None:
@@ -142,7 +162,7 @@ def check_cuda_kernels(vllm_config) -> CudaKernels | None:
     if engine_backend(vllm_config) == "flashinfer":
         cache = vllm_config.cache_config
         return cuda_kernels((capability.major, capability.minor), None, cache.cache_dtype, "flashinfer",
-                            cache.block_size, vllm_config.model_config.get_head_size())
+                            cache.block_size, vllm_config.model_config.get_head_size(), flashinfer_usable())
     try:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
     except ImportError:  # a vLLM build without FLASH_ATTN: its own selection error follows

@@ -117,8 +117,9 @@ class DuoBackendMixin:
         attn_type = kwargs.get("attn_type")
         better = {
             "kv_cache_dtype not supported": kv_cache_dtype_error(kv_cache_dtype, platform_name())
-            or (f"--kv-cache-dtype {kv_cache_dtype} needs FlashAttention 3 (Hopper GPUs) for DUO's "
-                "retrieval heads on this GPU; use --kv-cache-dtype auto"),
+            or (f"--kv-cache-dtype {kv_cache_dtype} is not read by the kernel DUO's retrieval heads run on this "
+                "GPU (under FLASH_ATTN, FP8 needs FlashAttention 3: Hopper); use --kv-cache-dtype auto, or run them "
+                "on FLASHINFER with --additional-config '{\"duo\": {..., \"kernel\": \"flashinfer\"}}'"),
             "per-head quant scales not supported": "this checkpoint's per-head KV-cache scales are not "
             "supported by DUO (per-tensor FP8 scales only); serve it with --kv-cache-dtype auto",
             "attention sinks not supported": "this model's learned attention sinks are not supported by DUO "

@@ -66,6 +66,10 @@ class DuoFlashInferMetadataBuilder(FlashInferMetadataBuilder):
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if isinstance(kv_cache_spec, DuoStreamingSpec):
+            # vLLM's V1 runner asks the class, which __new__'s dispatch does not reach: the streaming
+            # group answers as the builder it gets (FlashInfer's rule would judge its head count).
+            return DuoAttentionMetadataBuilder.get_cudagraph_support(vllm_config, kv_cache_spec)
         # FlashInfer's answer judges each group's KV heads against the model's query heads (a
         # bound on what this builder uses: DUO's r*g over r heads always divides); DUO's streaming
         # kernel caps it at uniform batches (its grid follows the longest query, fixed at capture).

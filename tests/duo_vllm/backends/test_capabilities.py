@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from duo_vllm.backends import capabilities
 from duo_vllm.backends.capabilities import (
     FLASHINFER_BLOCK_SIZES,
     FORCE_FA2,
@@ -113,6 +114,14 @@ def test_a_failing_probe_never_stops_start_up(monkeypatch):
 def test_auto_follows_vllms_first_choice_and_an_option_overrides_it(option, card, backend):
     """vLLM's CUDA priorities put FLASHINFER first on compute capability 10.x only."""
     assert selected_backend(option, card) == backend
+    # where FlashInfer cannot run, vLLM takes its next choice, and so does "auto"; an option stays
+    assert selected_backend(option, card, flashinfer_available=False) == (option if option != "auto" else "flash_attn")
+
+
+def test_flashinfer_that_cannot_run_is_refused_in_one_line():
+    with pytest.raises(DuoConfigError, match="FLASHINFER backend, which cannot run here") as info:
+        cuda_kernels(HOPPER, None, "auto", "flashinfer", 16, 128, flashinfer_available=False)
+    assert FORCE_FLASH_ATTN in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("card", [AMPERE, ADA, HOPPER, BLACKWELL, (12, 1)])
@@ -180,6 +189,8 @@ def test_the_front_end_check_reads_the_kernel_option_and_asks_flash_attn_nothing
     monkeypatch.setattr(fa_utils, "get_flash_attn_version", not_asked)
     monkeypatch.setattr(vllm.platforms.current_platform, "get_device_capability",
                         lambda *a, **k: SimpleNamespace(major=9, minor=0))
+    # vLLM's has_flashinfer() as on a GPU machine with FlashInfer (this CPU machine has none)
+    monkeypatch.setattr(capabilities, "flashinfer_usable", lambda: True)
     assert check_cuda_kernels(_config({"kernel": "flashinfer"})).backend == "flashinfer"
     with pytest.raises(DuoConfigError, match="--block-size 16, 32 or 64"):
         check_cuda_kernels(_config({"kernel": "flashinfer"}, block_size=128))
@@ -191,6 +202,19 @@ def test_the_front_end_check_reads_the_kernel_option_and_asks_flash_attn_nothing
     assert check_cuda_kernels(_config({})).backend == "flashinfer"
     assert engine_backend(_config({})) == "flashinfer"
     assert engine_backend(_config({"kernel": "flash_attn"})) == "flash_attn"
+    # no FlashInfer that can run: "auto" takes FLASH_ATTN, as vLLM does; the option is refused by name
+    monkeypatch.setattr(capabilities, "flashinfer_usable", lambda: False)
+    assert engine_backend(_config({})) == "flash_attn"
+    with pytest.raises(DuoConfigError, match="cannot run here"):
+        check_cuda_kernels(_config({"kernel": "flashinfer"}))
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_flashinfer_usable_is_vllms_answer(monkeypatch, answer):
+    import vllm.utils.flashinfer
+
+    monkeypatch.setattr(vllm.utils.flashinfer, "has_flashinfer", lambda: answer)
+    assert capabilities.flashinfer_usable() is answer
 
 
 def test_engine_backend_without_a_gpu_keeps_the_option(monkeypatch):

@@ -88,11 +88,19 @@ def test_one_workspace_per_device_sized_for_the_models_heads(config, monkeypatch
     assert small.num_qo_heads == 3  # sizing for the model's heads left the group's own count alone
 
 
-def test_cuda_graphs_never_beyond_uniform_batches(config):
+def test_cuda_graphs_never_beyond_uniform_batches(config, monkeypatch):
     for kv_spec in (spec(1), spec(3)):
         with set_current_vllm_config(config):  # as the model runner asks it
             support = fi.DuoFlashInferMetadataBuilder.get_cudagraph_support(config, kv_spec)
         assert support.value <= AttentionCGSupport.UNIFORM_BATCH.value
+    # the streaming group: the answer of the builder it gets, whatever FlashInfer's rule says (as
+    # on a GPU with XQA, where a head count that does not divide gives single-token decodes only)
+    monkeypatch.setattr(fi.FlashInferMetadataBuilder, "get_cudagraph_support",
+                        classmethod(lambda cls, *a: AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE))
+    streaming = DuoStreamingSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.bfloat16, sink=8, recent=32)
+    with set_current_vllm_config(config):
+        assert (fi.DuoFlashInferMetadataBuilder.get_cudagraph_support(config, streaming)
+                == DuoAttentionMetadataBuilder.get_cudagraph_support(config, streaming) == AttentionCGSupport.UNIFORM_BATCH)
 
 
 def test_the_backend_declares_what_duo_serves():
