@@ -213,6 +213,16 @@ def _close(llm):
     llm.llm_engine.engine_core.shutdown(timeout=30)
 
 
+def flashinfer_facts() -> dict:
+    """Which FlashInfer ran: its version, and whether vLLM counts its cubins as present (on Hopper
+    that picks the XQA decode kernel over the native wrappers; VLLM_HAS_FLASHINFER_CUBIN=1 forces it)."""
+    import flashinfer
+    from vllm.utils.flashinfer import has_flashinfer_cubin
+
+    return {"version": flashinfer.__version__, "cubin": has_flashinfer_cubin(),
+            "VLLM_HAS_FLASHINFER_CUBIN": os.environ.get("VLLM_HAS_FLASHINFER_CUBIN")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check_duo.json"))
@@ -277,6 +287,9 @@ def main() -> None:
               "stock_backend": STOCK,
               "kv_cache_dtype": args.kv_cache_dtype, "attention_config": args.attention_config,
               "checks": ([] if args.skip_kernel_check else kernel_check()) + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
+    if args.kernel == "flashinfer":
+        result["flashinfer"] = flashinfer_facts()
+        print(result["flashinfer"], flush=True)
     for c in result["checks"]:
         print(c, flush=True)
 
