@@ -20,6 +20,7 @@ from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionType, MultipleOf
 
+from duo_vllm.backends.capabilities import FORCE_FLASHINFER
 from duo_vllm.backends.head_plan import HeadPlan, plan_for_layer
 from duo_vllm.head_order import REORDERED_FLAG, checkpoint_order_reason
 from duo_vllm.kv_cache.spec import DuoStreamingSpec
@@ -119,7 +120,7 @@ class DuoBackendMixin:
             "kv_cache_dtype not supported": kv_cache_dtype_error(kv_cache_dtype, platform_name())
             or (f"--kv-cache-dtype {kv_cache_dtype} is not read by the kernel DUO's retrieval heads run on this "
                 "GPU (under FLASH_ATTN, FP8 needs FlashAttention 3: Hopper); use --kv-cache-dtype auto, or run them "
-                "on FLASHINFER with --additional-config '{\"duo\": {..., \"kernel\": \"flashinfer\"}}'"),
+                f"on FLASHINFER with {FORCE_FLASHINFER}"),
             "per-head quant scales not supported": "this checkpoint's per-head KV-cache scales are not "
             "supported by DUO (per-tensor FP8 scales only); serve it with --kv-cache-dtype auto",
             "attention sinks not supported": "this model's learned attention sinks are not supported by DUO "
