@@ -293,6 +293,13 @@ def main() -> None:
     for c in result["checks"]:
         print(c, flush=True)
 
+    def save() -> None:
+        """Write what has been measured so far: a device call cut by its time limit keeps it."""
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    save()
+
     t = time.time()
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -310,6 +317,7 @@ def main() -> None:
     stock_lp = prompt_logprobs(llm)
     _close(llm)
     result["stock_seconds"] = round(time.time() - t, 1)
+    save()
 
     engines = [] if args.reference_only else [("all-retrieval", {"sparsity": 0.0})]
     if not (args.reference_only or args.skip_all_streaming):
@@ -324,8 +332,7 @@ def main() -> None:
         result["checks"].append({"check": f"DUO {name} == {STOCK} greedy (24 tokens)", "prompts_equal": sum(same),
                                  "prompts": len(same), "first_differing_token": first_diff,
                                  "seconds": round(time.time() - t, 1)})
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        save()
 
     # DUO 50% vs the plain-torch reference, bf16; stock vs HF full attention is the noise floor.
     duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64, **kernel, **args.duo_options}
@@ -350,6 +357,7 @@ def main() -> None:
                              "duo_options": duo, "outcome": reload,
                              "same_tokens_after": list(again[0].outputs[0].token_ids) == decoded[0][0]})
     _close(llm)
+    save()
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
     from duo_vllm.pattern_io import load_pattern
 
@@ -383,8 +391,7 @@ def main() -> None:
                                  "max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 4),
                                  "reference_greedy_agreement": round(agree, 3)})
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save()
     print(f"\ndevice: {result['device']}")
     for c in result["checks"]:
         print(" | ".join(f"{k}: {v}" for k, v in c.items()))
