@@ -119,6 +119,17 @@ def parse_backends(parser, text: str) -> list[str]:
     return backends
 
 
+def json_object(text: str) -> dict:
+    """argparse type of the JSON-object options (``--attention-config``, ``--duo-options``)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+json_object.__name__ = "JSON object"  # argparse names the type in its error: "invalid JSON object value"
+
+
 # ---------------------------------------------------------------- engines
 
 

@@ -53,7 +53,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import json_object  # noqa: E402
 
 KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype, for every engine
 ATTENTION_CONFIG: dict = {}  # --attention-config, for every engine (e.g. {"flash_attn_version": 2})
@@ -228,24 +229,17 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check_duo.json"))
     parser.add_argument("--reference-only", action="store_true",
                         help="skip the greedy-equivalence engines (checks 2-3): kernel check and check 4 only")
-    def options(text: str) -> dict:
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError(text)
-        return value
-    options.__name__ = "JSON object"  # argparse names the type in its error: "invalid JSON object value"
-
     parser.add_argument("--skip-all-streaming", action="store_true",
                         help="skip check 3 (all heads streaming, window longer than the prompts)")
     parser.add_argument("--skip-kernel-check", action="store_true",
                         help="skip the streaming Triton kernels alone vs fp32 (run first): the same kernels under "
                              "every retrieval kernel, so one run per card covers them")
-    parser.add_argument("--duo-options", type=options, default={}, metavar="JSON",
+    parser.add_argument("--duo-options", type=json_object, default={}, metavar="JSON",
                         help='extra DUO options for check 4, e.g. \'{"overlap_streaming": true}\'')
     parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
     parser.add_argument("--kernel", choices=["flash_attn", "flashinfer"], default="flash_attn",
                         help="vLLM backend of stock and of DUO's retrieval heads (DUO option \"kernel\")")
-    parser.add_argument("--attention-config", type=options, default={}, metavar="JSON",
+    parser.add_argument("--attention-config", type=json_object, default={}, metavar="JSON",
                         help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
     global KV_CACHE_DTYPE, ATTENTION_CONFIG, STOCK

@@ -18,6 +18,10 @@ halves every page, DUO's two groups included), so the table has stock-bf16, stoc
 and DUO-fp8 side by side.
 
     python benchmarks/kv_capacity.py --patterns /path/to/patterns --kv-cache-dtypes auto,fp8 --out $OUT
+
+``--kernel flashinfer`` runs stock on FLASHINFER and DUO's retrieval heads through it;
+``--attention-config '{"flash_attn_version": 2}'`` gives every engine vLLM's attention config
+(FA2, also on Hopper).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from _common import (  # noqa: E402
     case_pattern,
     duo_report,
     engine_kwargs,
+    json_object,
     model_dir,
     set_engine_environment,
     synthetic_prompt,
@@ -48,10 +53,11 @@ from _plots import backend_label, save_png, subplots  # noqa: E402
 
 
 def measure(model: str, max_model_len: int, gpu_util: float, duo: dict | None, kv_cache_dtype: str = "auto",
-            kernel: str | None = None) -> dict:
+            kernel: str | None = None, attention_config: dict | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
-    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, kernel, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    kwargs = engine_kwargs(model, max_model_len, gpu_util, duo, kernel, enforce_eager=True, kv_cache_dtype=kv_cache_dtype,
+                           **({"attention_config": attention_config} if attention_config else {}))
     start = time.time()
     llm = LLM(**kwargs)
     result = {"start_s": round(time.time() - start, 1),
@@ -108,6 +114,8 @@ def main() -> None:
                         help="comma-separated --kv-cache-dtype values to measure (e.g. auto,fp8)")
     parser.add_argument("--kernel", choices=KERNELS,
                         help="stock's attention backend and DUO's for its retrieval heads (default: vLLM's choice)")
+    parser.add_argument("--attention-config", type=json_object, default={}, metavar="JSON",
+                        help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -123,6 +131,7 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name(0), "vllm": vllm.__version__,
                "gpu_memory_utilization": args.gpu_memory_utilization, "kernel": args.kernel,
+               "attention_config": args.attention_config,
                "command": " ".join(["python", "benchmarks/kv_capacity.py", *sys.argv[1:]]), "shapes": {}}
     for name in shapes:
         config, pattern, sparsity, max_len = SHAPES[name]
@@ -130,8 +139,8 @@ def main() -> None:
         duo = {"pattern": case_pattern(pattern, config, sparsity, args.patterns), "sparsity": sparsity}
         runs = {}
         for kv_dtype in args.kv_cache_dtypes.split(","):
-            stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype, args.kernel)
-            duo_r = measure(model, max_len, args.gpu_memory_utilization, duo, kv_dtype, args.kernel)
+            stock = measure(model, max_len, args.gpu_memory_utilization, None, kv_dtype, args.kernel, args.attention_config)
+            duo_r = measure(model, max_len, args.gpu_memory_utilization, duo, kv_dtype, args.kernel, args.attention_config)
             runs[kv_dtype] = {"stock": stock, "duo": duo_r, "ratio": duo_r["kv_tokens"] / stock["kv_tokens"]}
             print(name, kv_dtype, json.dumps(runs[kv_dtype]), flush=True)
         entry = {"max_model_len": max_len, "sparsity": sparsity, "by_kv_cache_dtype": runs}

@@ -24,6 +24,7 @@ from _common import (
     device_floors,
     engine_kwargs,
     floors,
+    json_object,
     model_dir,
     parameters,
     parse_backends,
@@ -207,6 +208,18 @@ def test_parse_backends():
     assert parse_backends(parser, "stock,duo-overlap") == ["stock", "duo-overlap"]
     with pytest.raises(SystemExit):
         parse_backends(parser, "stock,duo-fast")
+
+
+def test_json_object_option():
+    assert json_object('{"flash_attn_version": 2}') == {"flash_attn_version": 2}
+    for bad in ("[1]", "2", "x"):
+        with pytest.raises(ValueError):
+            json_object(bad)
+    # argparse's message names the type, on every script that takes such an option
+    for script in ("kv_capacity.py", "gpu_check_duo.py"):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--attention-config", "[2]"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+        assert out.returncode == 2 and "invalid JSON object value: '[2]'" in out.stderr, out.stderr[-2000:]
 
 
 def test_model_dir_holds_the_config():
