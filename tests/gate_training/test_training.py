@@ -1,7 +1,8 @@
 """End-to-end gate training on SmolLM2 (CPU, short contexts): learning, export, determinism, resume.
 
-One uninterrupted 8-step run (module fixture) is the reference for every test here; the
-determinism and resume tests repeat it and compare gates bit for bit.
+One uninterrupted 8-step run on SmolLM2 (module fixture) is the reference for what training
+learns and exports. Determinism and resume are properties of the trainer, not of the model: they
+repeat an 8-step run of a tiny random Llama (``tiny_run``) and compare gates and losses bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def reference_run(smollm2, tmp_path_factory):
     after = {k: float(v) for k, v in trainer.losses(trainer.eval_sample, grad=False, teacher=teacher).items()}
     return {"trainer": trainer, "result": result, "before": before, "after": after,
             "before_eval": before_eval, "out": out}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dirs, tmp_path_factory):
+    """The uninterrupted reference of the determinism and resume tests, on a tiny random Llama."""
+    out = tmp_path_factory.mktemp("tiny-run") / "pattern"
+    model = tiny_model_dirs["llama"]
+    result = GateTrainer(_config(model, out, max_context=200), progress=False).train()
+    assert result.finished and result.steps_done == STEPS and (1.0 - result.gates).max() > 0.0
+    return {"model": model, "result": result, "out": out}
 
 
 def test_lr_schedule_warms_up_and_decays():
@@ -95,34 +106,35 @@ def test_exported_pattern_loads_for_the_model(reference_run, smollm2):
     assert pattern.binarize().sum() == 45  # default sparsity 0.5 of 90 heads
 
 
-def test_same_seed_gives_same_gates(reference_run, smollm2, tmp_path):
-    result = GateTrainer(_config(smollm2, tmp_path / "again"), progress=False).train()
-    np.testing.assert_array_equal(result.gates, reference_run["result"].gates)
+def test_same_seed_gives_same_gates(tiny_run, tmp_path):
+    result = GateTrainer(_config(tiny_run["model"], tmp_path / "again", max_context=200), progress=False).train()
+    np.testing.assert_array_equal(result.gates, tiny_run["result"].gates)
+    assert [r["loss"] for r in result.history] == [r["loss"] for r in tiny_run["result"].history]
 
 
-def test_resume_matches_uninterrupted_run(reference_run, smollm2, tmp_path):
-    out = tmp_path / "resumed"
-    first = GateTrainer(_config(smollm2, out), progress=False).train(stop_after=3)
+def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):
+    out, model = tmp_path / "resumed", tiny_run["model"]
+    first = GateTrainer(_config(model, out, max_context=200), progress=False).train(stop_after=3)
     assert not first.finished and first.steps_done == 3 and not (out / "duo_pattern.json").exists()
     # the interrupted run saved at step 3: resuming continues from there (checkpoint every 4)
-    resumed_trainer = GateTrainer(_config(smollm2, out, resume=True), progress=False)
+    resumed_trainer = GateTrainer(_config(model, out, max_context=200, resume=True), progress=False)
     assert resumed_trainer.step == 3
     resumed = resumed_trainer.train()
     assert resumed.finished and len(resumed.history) == STEPS
-    np.testing.assert_array_equal(resumed.gates, reference_run["result"].gates)
-    ref_losses = [r["loss"] for r in reference_run["result"].history]
+    np.testing.assert_array_equal(resumed.gates, tiny_run["result"].gates)
+    ref_losses = [r["loss"] for r in tiny_run["result"].history]
     assert [r["loss"] for r in resumed.history] == ref_losses
     assert (out / "duo_pattern.json").is_file()
 
 
-def test_resume_refuses_other_settings(reference_run, smollm2):
+def test_resume_refuses_other_settings(tiny_run):
     with pytest.raises(GateTrainingError, match="lr: checkpoint 0.02 vs now 0.03"):
-        GateTrainer(_config(smollm2, reference_run["out"], resume=True, lr=0.03), progress=False)
+        GateTrainer(_config(tiny_run["model"], tiny_run["out"], max_context=200, resume=True, lr=0.03), progress=False)
 
 
-def test_rerun_needs_overwrite(reference_run, smollm2):
+def test_rerun_needs_overwrite(tiny_run):
     with pytest.raises(GateTrainingError, match="already exists; pass --overwrite"):
-        GateTrainer(_config(smollm2, reference_run["out"]), progress=False)
+        GateTrainer(_config(tiny_run["model"], tiny_run["out"], max_context=200), progress=False)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "qwen3moe", "llama31"])
