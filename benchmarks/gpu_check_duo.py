@@ -34,6 +34,10 @@ With ``--kernel flashinfer`` stock runs vLLM's FLASHINFER backend and every DUO 
 retrieval heads through it (DUO option ``"kernel": "flashinfer"``); FlashInfer compiles its kernels
 on first use, so the stock engine's time includes that.
 
+With ``--prefill-chunk N`` the DUO 50% engine prefills prompts longer than N tokens in chunks of N
+(``max_num_batched_tokens``), so check 4 covers chunked prefill under the chosen kernel; stock's
+noise-floor engine stays unchunked.
+
 With ``--kv-cache-dtype fp8`` every engine (stock and DUO) runs an FP8 KV cache, DUO's fused store is
 first compared byte for byte with vLLM's own ``reshape_and_cache_flash``, and the reference of check
 4 (and its noise floor, HF full attention) reads q, k and v through the same FP8 rounding (scale 1.0,
@@ -239,6 +243,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="every engine's --kv-cache-dtype (auto or fp8)")
     parser.add_argument("--kernel", choices=["flash_attn", "flashinfer"], default="flash_attn",
                         help="vLLM backend of stock and of DUO's retrieval heads (DUO option \"kernel\")")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                        help="max_num_batched_tokens of the DUO 50%% engine: prompts longer than N are prefilled in "
+                             "chunks (vLLM's default, 8192 or more, prefills these prompts whole)")
     parser.add_argument("--attention-config", type=json_object, default={}, metavar="JSON",
                         help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
@@ -277,7 +284,8 @@ def main() -> None:
                          + (f" --duo-options '{json.dumps(args.duo_options)}'" if args.duo_options else "")
                          + (f" --kv-cache-dtype {args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else "")
                          + (f" --attention-config '{json.dumps(args.attention_config)}'" if args.attention_config else "")
-                         + (f" --kernel {args.kernel}" if args.kernel != "flash_attn" else ""),
+                         + (f" --kernel {args.kernel}" if args.kernel != "flash_attn" else "")
+                         + (f" --prefill-chunk {args.prefill_chunk}" if args.prefill_chunk else ""),
               "stock_backend": STOCK,
               "kv_cache_dtype": args.kv_cache_dtype, "attention_config": args.attention_config,
               "checks": ([] if args.skip_kernel_check else kernel_check()) + ([fp8_store_check()] if args.kv_cache_dtype.startswith("fp8") else [])}
@@ -330,7 +338,8 @@ def main() -> None:
 
     # DUO 50% vs the plain-torch reference, bf16; stock vs HF full attention is the noise floor.
     duo = {"pattern": pattern, "sparsity": 0.5, "sink": 16, "recent": 64, **kernel, **args.duo_options}
-    llm = _engine(model, attention_backend="DUO", additional_config={"duo": duo})
+    chunking = {"max_num_batched_tokens": args.prefill_chunk} if args.prefill_chunk else {}
+    llm = _engine(model, attention_backend="DUO", additional_config={"duo": duo}, **chunking)
     vllm_lp = prompt_logprobs(llm)
     # decode: 32 greedy tokens, batch of both prompts (uniform decode steps replay full graphs)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in long_prompts],
@@ -371,7 +380,8 @@ def main() -> None:
     use_duo_reference(hf, load_pattern(pattern).binarize(sparsity=0.5), sink=16, recent=64, rounding=rounding)
     for p, got, s_lp, f_lp in zip(long_prompts, vllm_lp, stock_lp, full):
         err, floor = np.abs(got - hf_logprobs(p)), np.abs(s_lp - f_lp)
-        result["checks"].append({"check": f"DUO 50% sink16/recent64 prompt log-probs vs reference ({len(p)} tokens, bf16, KV {args.kv_cache_dtype})",
+        chunks = f", prefill chunks of {args.prefill_chunk}" if args.prefill_chunk and len(p) > args.prefill_chunk else ""
+        result["checks"].append({"check": f"DUO 50% sink16/recent64 prompt log-probs vs reference ({len(p)} tokens{chunks}, bf16, KV {args.kv_cache_dtype})",
                                  "max_abs_err": round(float(err.max()), 4), "mean_abs_err": round(float(err.mean()), 4),
                                  "noise_floor_stock_vs_hf_max": round(float(floor.max()), 4),
                                  "noise_floor_stock_vs_hf_mean": round(float(floor.mean()), 4)})
