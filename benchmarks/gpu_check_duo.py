@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--attention-config", type=json_object, default={}, metavar="JSON",
                         help='every engine\'s vLLM attention config, e.g. \'{"flash_attn_version": 2}\' (FA2 on Hopper)')
     args = parser.parse_args()
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        parser.error(f"--prefill-chunk {args.prefill_chunk}: must be a positive number of tokens")
     global KV_CACHE_DTYPE, ATTENTION_CONFIG, STOCK
     KV_CACHE_DTYPE, ATTENTION_CONFIG, STOCK = args.kv_cache_dtype, args.attention_config, args.kernel.upper()
     kernel = {"kernel": args.kernel}  # in every DUO engine's options

@@ -222,6 +222,12 @@ def test_json_object_option():
         assert out.returncode == 2 and "invalid JSON object value: '[2]'" in out.stderr, out.stderr[-2000:]
 
 
+def test_gpu_check_refuses_a_chunk_that_is_not_positive():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check_duo.py"), "--prefill-chunk", "0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert out.returncode == 2 and "--prefill-chunk 0: must be a positive number of tokens" in out.stderr, out.stderr[-2000:]
+
+
 def test_model_dir_holds_the_config():
     folder = Path(model_dir(LLAMA2_7B))
     try:
